@@ -1,0 +1,1 @@
+"""First-party compression methods, each registered through tokenbench's own entry points."""

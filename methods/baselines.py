@@ -1,0 +1,64 @@
+"""Plain baselines: ``none`` keeps every token; ``random`` keeps a seeded uniform subset.
+
+``random`` acts once, before the LLM (``vision_out`` where the adapter offers it, else
+``projector``), so its kept count equals the budget at every decoder layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import tokenbench
+from tokenbench import Infeasible, ModelInfo, Reduction, Site, SiteInput, Stage, TokenCompressor
+
+
+def pre_llm_site(info: ModelInfo) -> Site:
+    """The earliest single pre-LLM site the adapter offers: ``vision_out``, else ``projector``."""
+    for stage in (Stage.VISION_OUT, Stage.PROJECTOR):
+        if stage in info.stages:
+            return Site(stage)
+    raise Infeasible(f"the {info.family} adapter offers neither vision_out nor projector stages")
+
+
+class NoCompression(TokenCompressor):
+    """Keeps every visual token: the uncompressed reference."""
+
+    name = "none"
+    stages = (Stage.VISION_OUT,)
+    paper = "uncompressed baseline"
+
+    def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
+        return []
+
+    def reduce(self, x: SiteInput) -> Reduction:
+        b, n, _ = x.visual.shape
+        return Reduction(torch.arange(n, device=x.visual.device).expand(b, n).clone())
+
+
+class RandomKeep(TokenCompressor):
+    """Keeps ``budget`` visual tokens drawn uniformly without replacement (seeded)."""
+
+    name = "random"
+    stages = (Stage.VISION_OUT, Stage.PROJECTOR)
+    paper = "random-drop baseline"
+
+    def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
+        keep = round(budget)
+        if keep < 1:
+            raise Infeasible(f"budget {budget:g} keeps no visual token")
+        if keep >= n_visual:
+            return []
+        return [(pre_llm_site(info), keep)]
+
+    def reduce(self, x: SiteInput) -> Reduction:
+        b, n, _ = x.visual.shape
+        keep = min(x.keep, n)
+        noise = torch.rand(b, n, generator=x.generator, device="cpu")
+        chosen = noise.topk(keep, dim=1).indices.sort(dim=1).values
+        return Reduction(chosen.to(x.visual.device))
+
+
+@tokenbench.hookimpl
+def register_compressors(register):
+    register(NoCompression)
+    register(RandomKeep)

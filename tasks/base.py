@@ -1,0 +1,73 @@
+"""The task protocol: where samples come from and how predictions are scored.
+
+A task is a class registered through ``register_tasks(register)``. The harness instantiates it
+with ``data_dir`` (a local copy of the data, or None for the default source), draws
+:class:`Sample` objects, generates an answer per sample, stores ``score(sample, prediction)`` in the
+sample's record, and finally calls ``aggregate(records)`` for the task-level metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+
+from PIL import Image
+
+
+class TaskDataError(Exception):
+    """The task's data are missing or malformed; the message names the task and how to get them."""
+
+
+@dataclass
+class Sample:
+    """One question about one image.
+
+    ``prompt`` is the user's text (question plus answer-format instruction); the adapter wraps it
+    in the model's chat template with the image. ``image`` is a PIL image or a zero-argument
+    callable that decodes it lazily (so a broken image fails that sample only). ``target`` is what
+    the scorer compares against; ``meta`` carries what ``aggregate`` needs (family, split, pair id).
+    """
+
+    id: str
+    prompt: str
+    image: Image.Image | Callable[[], Image.Image] | None
+    target: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def load_image(self) -> Image.Image | None:
+        image = self.image() if callable(self.image) else self.image
+        return image.convert("RGB") if image is not None else None
+
+
+class Task:
+    """Base class for tasks. Subclasses set the class attributes and implement the three methods.
+
+    - ``primary_metric``: key of ``aggregate``'s result used for the leaderboard's relative score.
+    - ``metric_scale``: the primary metric's full scale (100 for a percentage, 2000 for MME perception).
+    - ``max_new_tokens``: the greedy-decoding length the answers need.
+    - ``source``: where the data come from (a hub id, or "generated").
+    """
+
+    name: ClassVar[str] = ""
+    primary_metric: ClassVar[str] = "accuracy"
+    metric_scale: ClassVar[float] = 100.0
+    max_new_tokens: ClassVar[int] = 8
+    source: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self, data_dir: str | Path | None = None) -> None:
+        self.data_dir = Path(data_dir) if data_dir else None
+
+    def samples(self, limit: int | None = None) -> Iterator[Sample]:
+        """Yield evaluation samples in a fixed order (the first ``limit`` of them)."""
+        raise NotImplementedError
+
+    def score(self, sample: Sample, prediction: str) -> dict[str, Any]:
+        """Per-sample scores (JSON-serialisable), stored in the sample's record."""
+        raise NotImplementedError
+
+    def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """Task metrics from per-sample records; each has ``sample_id``, ``prediction``, ``scores``
+        (from :meth:`score`) and ``meta`` (the sample's). Must include ``primary_metric``."""
+        raise NotImplementedError

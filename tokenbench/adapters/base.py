@@ -1,0 +1,114 @@
+"""The adapter contract: the only code that knows a VLM family's internals.
+
+An adapter wraps a stock ``transformers`` model and its processor. It owns the prefill (so it can
+run a compressor at any :class:`~tokenbench.compressor.Site`), records a :class:`TokenTrace` per
+sample, and then lets greedy decoding continue on the shortened KV cache.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+from PIL import Image
+
+from tokenbench.budget import Budget
+from tokenbench.compressor import ModelInfo, Stage, TokenCompressor
+
+
+@dataclass
+class Prompt:
+    """One generation request: an image and the user's text (the adapter applies the chat template)."""
+
+    image: Image.Image | None
+    text: str
+
+
+@dataclass
+class TokenTrace:
+    """Tokens alive at every vision block and LLM layer for one sample.
+
+    - ``n_visual``: visual tokens of the image entering the LLM without compression.
+    - ``vision``: tokens entering each vision-encoder block that runs (len = vision layers).
+    - ``llm_visual`` / ``llm_total``: visual / all tokens entering each decoder layer in prefill.
+    - ``plan``: the compressor's schedule, as ``[(stage, layer, keep), ...]``.
+    - ``probe_rows``: attention query rows computed beside the fused kernel (probe cost).
+    - ``eager_attention_calls``: attention calls that materialised a full map (0 for native/probe).
+    - ``prompt_tokens`` / ``generated_tokens``: text lengths for FLOPs and decode accounting.
+    """
+
+    n_visual: int
+    vision: list[int] = field(default_factory=list)
+    llm_visual: list[int] = field(default_factory=list)
+    llm_total: list[int] = field(default_factory=list)
+    plan: list[tuple[str, int, int]] = field(default_factory=list)
+    probe_rows: int = 0
+    eager_attention_calls: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def realised_tokens(self) -> float:
+        """Layer-averaged visual tokens actually processed by the decoder (the budget's unit)."""
+        return sum(self.llm_visual) / len(self.llm_visual) if self.llm_visual else float(self.n_visual)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {
+            "realised_tokens": self.realised_tokens}
+
+
+@dataclass
+class Generation:
+    """The answer to one :class:`Prompt` with its trace and phase timings (milliseconds)."""
+
+    text: str
+    trace: TokenTrace
+    timings_ms: dict[str, float] = field(default_factory=dict)  # vision, prefill, decode (total)
+
+
+class AdapterError(Exception):
+    """A user-facing adapter failure (unsupported model, stage or option); message says the fix."""
+
+
+class VLMAdapter(ABC):
+    """Base class of adapters. One subclass per VLM family, keyed on HF ``config.model_type``."""
+
+    name: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    stages: ClassVar[frozenset[Stage]] = frozenset()
+    description: ClassVar[str] = ""
+
+    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
+        self.model = model.eval()
+        self.processor = processor
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, attn: str = "sdpa",
+             device: str | torch.device = "cpu") -> VLMAdapter:
+        """Load a checkpoint (hub id or local dir) with ``from_pretrained`` and ``AutoProcessor``."""
+
+    @abstractmethod
+    def info(self, n_visual: int | None = None) -> ModelInfo:
+        """Model facts for ``schedule``; ``n_visual`` overrides the default per-image token count."""
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[Prompt], *, compressor: TokenCompressor | None = None,
+                 budget: Budget | None = None, max_new_tokens: int = 8,
+                 seed: int = 0) -> list[Generation]:
+        """Greedy generation for a batch, compressing with ``compressor`` at ``budget``."""
+
+    def batchable(self, compressor: TokenCompressor | None) -> bool:
+        """Whether ``generate`` runs this compressor on batches > 1 (else the harness sends one)."""
+        return True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
