@@ -41,7 +41,7 @@ class UnknownName(LookupError):
 
     def __init__(self, kind: str, name: str, available: list[str]) -> None:
         close = difflib.get_close_matches(name, available, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = f"; did you mean '{close[0]}'?" if close else ";"
         listing = ", ".join(sorted(available)) or "none"
         super().__init__(f"unknown {KIND_WORDS.get(kind, kind)} '{name}'{hint} available: {listing}")
 

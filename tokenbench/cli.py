@@ -1,0 +1,206 @@
+"""The ``tokenbench`` command: a thin click front end over the registry, the harness and the leaderboard.
+
+Every error a user can cause ends in one line on stderr, ``tokenbench: error: ...``, and exit
+status 2 (usage) — never a traceback.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from tabulate import tabulate
+
+from tokenbench.budget import BudgetError, parse_budgets
+from tokenbench.config import ConfigError, MethodSpec, RunConfig, parse_method_list, parse_option_assignments
+from tokenbench.models import ModelNameError, default_model, embedded_models, resolve_model
+from tokenbench.plugins import PluginError, Registry, UnknownName, load_registry
+
+USAGE_ERRORS = (UnknownName, ConfigError, BudgetError, ModelNameError, PluginError)
+DEFAULT_BUDGETS = "33.3%,22.2%,11.1%"
+
+
+class UsageFailure(click.ClickException):
+    exit_code = 2
+
+
+class TokenbenchGroup(click.Group):
+    """Turns every user error (click's own usage errors included) into one line and exit 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("tokenbench: interrupted", err=True)
+            sys.exit(130)
+        except (click.UsageError, UsageFailure) as exc:
+            hint = f" (see 'tokenbench {exc.ctx.info_name} --help')" if getattr(exc, "ctx", None) and \
+                isinstance(exc, click.UsageError) and exc.ctx.parent else ""
+            click.echo(f"tokenbench: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"tokenbench: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except USAGE_ERRORS as exc:
+            click.echo(f"tokenbench: error: {exc}", err=True)
+            sys.exit(2)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _registry(ctx: click.Context) -> Registry:
+    obj = ctx.find_root().ensure_object(dict)
+    if "registry" not in obj:
+        obj["registry"] = load_registry(obj.get("plugins_dir"))
+        for problem in obj["registry"].problems:
+            click.echo(f"tokenbench: warning: {problem}", err=True)
+    return obj["registry"]
+
+
+@click.group(cls=TokenbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--plugins-dir", envvar="TOKENBENCH_PLUGINS_DIR", default=None, metavar="DIR",
+              help="Also load loose *.py plugin files from DIR (env TOKENBENCH_PLUGINS_DIR).")
+@click.version_option(package_name="tokenbench")
+@click.pass_context
+def cli(ctx: click.Context, plugins_dir: str | None) -> None:
+    """tokenbench: benchmark visual-token compression methods on vision-language models."""
+    if plugins_dir is not None and not Path(plugins_dir).is_dir():
+        raise UsageFailure(f"plugins dir '{plugins_dir}' does not exist; give an existing directory "
+                           f"of *.py plugin files")
+    ctx.ensure_object(dict)["plugins_dir"] = plugins_dir
+
+
+@cli.command()
+@click.argument("pattern", required=False)
+@click.pass_context
+def methods(ctx: click.Context, pattern: str | None) -> None:
+    """List compression methods (optionally matching a glob PATTERN)."""
+    registry = _registry(ctx)
+    rows = []
+    for name, cls in sorted(registry.compressors.items()):
+        if pattern and not fnmatch.fnmatch(name, pattern) and pattern not in name:
+            continue
+        method = cls()
+        rows.append([name, ", ".join(str(s) for s in cls.stages), ", ".join(sorted(method.needs)) or "-",
+                     method.flash_attention, cls.paper or "-", registry.owner[("compressor", name)].label])
+    if pattern and not rows:
+        raise UnknownName("compressor", pattern, list(registry.compressors))
+    click.echo(tabulate(rows, headers=["method", "stages", "needs", "flash-attn", "paper", "plugin"]))
+
+
+@cli.command()
+@click.pass_context
+def plugins(ctx: click.Context) -> None:
+    """Print every discovered plugin, its version and what it registered, as JSON."""
+    registry = _registry(ctx)
+    click.echo(json.dumps([p.to_dict() for p in registry.plugins], indent=2))
+
+
+@cli.command()
+@click.option("--validate", "validate", is_flag=True,
+              help="Load two samples of each named (default: every) task and score them.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Local copy of the benchmark data (parquet files per task).")
+@click.argument("names", nargs=-1)
+@click.pass_context
+def tasks(ctx: click.Context, validate: bool, data_dir: str | None, names: tuple[str, ...]) -> None:
+    """List tasks with their metric and data source."""
+    registry = _registry(ctx)
+    selected = [registry.task(n) for n in names] if names else [registry.tasks[n] for n in sorted(registry.tasks)]
+    if not validate:
+        rows = [[t.name, t.primary_metric, t.source or "-", t.description or "-",
+                 registry.owner[("task", t.name)].label] for t in selected]
+        click.echo(tabulate(rows, headers=["task", "primary metric", "source", "description", "plugin"]))
+        return
+    from tokenbench.tasks.validate import validate_task
+
+    failed = 0
+    for task_cls in selected:
+        ok, message = validate_task(task_cls, data_dir)
+        failed += not ok
+        click.echo(f"{'ok     ' if ok else 'missing'} {task_cls.name}: {message}")
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """List adapter families (with their stages) and the embedded models."""
+    registry = _registry(ctx)
+    rows = [[cls.name, ", ".join(cls.model_types), ", ".join(sorted(str(s) for s in cls.stages)),
+             registry.owner[("adapter", name)].label] for name, cls in sorted(registry.adapters.items())]
+    click.echo(tabulate(rows, headers=["adapter", "model_type", "stages", "plugin"]))
+    zoo = embedded_models()
+    if zoo:
+        click.echo("\nembedded models (offline, shipped with tokenbench):")
+        for name, path in sorted(zoo.items()):
+            marker = " (default)" if name == default_model() else ""
+            click.echo(f"  {name}{marker}: {path}")
+
+
+@cli.command()
+@click.option("--model", default=None, help="Embedded model name, local checkpoint dir or hub id.")
+@click.option("--methods", "methods_text", default="apet,fastv", show_default=True,
+              help="Comma-separated methods; the uncompressed baseline always runs too.")
+@click.option("--budgets", default=DEFAULT_BUDGETS, show_default=True,
+              help="Layer-averaged visual tokens per method: counts (192,128,64) or ratios (11.1%).")
+@click.option("--tasks", "tasks_text", default="shapes", show_default=True, help="Comma-separated tasks.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Samples per task.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", type=click.Path(file_okay=False), default="tokenbench-results", show_default=True)
+@click.option("-o", "option_assignments", multiple=True, metavar="METHOD.KEY=VALUE",
+              help="Set a method option; repeatable.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True)
+@click.option("--attn", type=click.Choice(["sdpa", "flash_attention_2", "eager"]), default="sdpa",
+              show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Local copy of benchmark data.")
+@click.option("--efficiency/--no-efficiency", default=True, show_default=True,
+              help="Also run the batch-1 timing pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result records as JSON at the end.")
+@click.pass_context
+def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, tasks_text: str,
+        limit: int | None, seed: int, output: str, option_assignments: tuple[str, ...], dtype: str,
+        attn: str, device: str, batch_size: int, data_dir: str | None, efficiency: bool,
+        as_json: bool) -> None:
+    """Run methods x budgets x tasks on a model (plus the uncompressed baseline)."""
+    registry = _registry(ctx)
+    method_names = parse_method_list(methods_text, registry)
+    options = parse_option_assignments(option_assignments, method_names, registry)
+    budget_list = parse_budgets(budgets)
+    task_names = [t.strip() for t in tasks_text.split(",") if t.strip()]
+    if not task_names:
+        raise ConfigError("--tasks is empty; give e.g. --tasks shapes")
+    for name in task_names:
+        registry.task(name)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ConfigError(f"--data-dir '{data_dir}' does not exist")
+    config = RunConfig(
+        model=resolve_model(model or default_model(), registry),
+        methods=[MethodSpec(n, options[n]) for n in method_names], budgets=budget_list, tasks=task_names,
+        limit=limit, seed=seed, output=Path(output), dtype=dtype, attn=attn, device=device,
+        batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None, efficiency=efficiency,
+        json=as_json, plugins_dir=ctx.find_root().obj.get("plugins_dir"))
+    try:
+        from tokenbench.runner import run as run_benchmark
+    except ImportError:
+        raise click.ClickException("the harness is not built yet: 'run' validated its arguments only")
+    records = run_benchmark(config, registry)
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+
+
+def main() -> None:
+    cli(prog_name="tokenbench")
+
+
+if __name__ == "__main__":
+    main()
