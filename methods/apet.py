@@ -1,0 +1,372 @@
+"""ApET: Approximation-Error guided Token compression (CVPR 2026, arXiv 2602.19870).
+
+The algorithm, per image (spec ``methods.md`` §2):
+
+1. pick ``basis`` tokens S by farthest-point sampling (FPS) over the visual tokens X;
+2. reconstruct every token from S by ridge least squares, w_i = argmin ||x_i - Sᵀw||² + λ||w||²,
+   and score it by the L2 norm of its residual: what the basis cannot explain is unique;
+3. keep the ``keep`` tokens with the largest residual; the ``basis`` lowest-scoring of them become
+   *basis slots* that carry the basis tokens (``basis_mode``);
+4. fold every dropped token into its most cosine-similar remaining high-error token (the *targets*)
+   by an unweighted mean, the target itself counted with weight ``merge_scaling``.
+
+The LLaVA reference runs it twice: on the CLIP features before the projector (stage 1) and on the
+hidden states after decoder layer 16 of 32 (stage 2), with 1.5x the budget before the stage-2 layer
+and 0.5x after it, so the layer-averaged count equals the budget (288/96 for 192).
+
+The pure tensor functions :func:`farthest_point_sampling`, :func:`approximation_error` and
+:func:`apet_compress` work without the harness; :class:`ApET` is the registered ``apet`` method.
+
+Deviations from the reference code (MaQianKun0/ApET @70cc01b), each a bug or quirk there:
+
+- FPS start: the reference draws it from the unseeded global RNG, so runs are not reproducible.
+  Here ``fps_start="random"`` draws from the harness's seeded generator; ``first`` and ``max_norm``
+  are deterministic alternatives.
+- FPS distances: the reference computes them in the model dtype; fp16 squared distances overflow to
+  inf on large hidden states and then look like "unvisited" points. Here they are fp32.
+- Hard-coded ``.half()`` (LLaVA) / ``.bfloat16()`` (Qwen) casts: here FPS, the ridge solve and the
+  merge run in fp32 and the results are cast back to the input dtype. The LLaVA vision stage merges
+  in fp16 (cosine and sums in half precision); with an fp16 model our fp32 merge differs from it by
+  rounding only, which is why no option reproduces it.
+- Overflow: every step works on the features divided by a per-image power of two, which is exact in
+  floating point (results are bit-identical to the unscaled computation in the normal range) and
+  keeps huge activations (bf16 up to 3e38) from overflowing the fp32 Gram matrix and distances.
+- Basis slot order: the reference fills the slots in ascending position order at the vision stage
+  but in descending-error order at the LLM stage. Here both stages use ascending positions;
+  ``basis_slots="reference"`` restores the LLM-stage order (it changes results: basis tokens land
+  at other positions).
+- Ties (identical tokens) are broken towards the lower index (stable sort, first argmax), and FPS
+  never picks a token twice; the reference's ``torch.topk`` order on ties is unspecified.
+- The LLaVA reference runs the projector on all 576 tokens and then selects; that is the adapter's
+  concern (it projects only the kept tokens), with no effect on results.
+- Video reference (``basis_mode="append"``): it returns the merged tokens in descending-error order;
+  the contract keeps surviving tokens in spatial order, so that order is not reproduced.
+
+Degenerate inputs: ``keep >= N`` is a no-op; ``keep <= basis`` shrinks the basis to ``keep - 1``
+so that at least one kept token receives merges (``keep == 1`` keeps the largest-norm token as the
+mean of all tokens); NaN or infinite input raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+import tokenbench
+from tokenbench import (
+    Infeasible,
+    ModelInfo,
+    Reduction,
+    Site,
+    SiteInput,
+    Stage,
+    TokenCompressor,
+    layer_averaged_tokens,
+)
+
+BasisMode = Literal["replace", "blend", "append"]
+FpsStart = Literal["random", "first", "max_norm"]
+SlotOrder = Literal["ascending", "error"]
+
+_FP32_TINY = torch.finfo(torch.float32).tiny
+
+
+class ApetOutput(NamedTuple):
+    """Result of :func:`apet_compress`.
+
+    - ``keep`` [B, K]: indices of the surviving tokens in ascending original order.
+    - ``values`` [B, K, D]: their features after merging / basis insertion, in the input dtype.
+    - ``extra`` [B, k, D]: the basis tokens appended after them (``basis_mode="append"``), else None.
+    """
+
+    keep: torch.Tensor
+    values: torch.Tensor
+    extra: torch.Tensor | None
+
+
+def farthest_point_sampling(x: torch.Tensor, k: int, start: FpsStart | torch.Tensor = "random",
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick ``k`` mutually distant tokens of each image of ``x`` [B, N, D]; return [B, k] indices
+    in selection order.
+
+    The first pick is ``start``: ``"random"`` (drawn from ``generator``, or the global RNG when it
+    is None), ``"first"`` (index 0), ``"max_norm"`` (the largest-norm token) or a [B] index tensor.
+    Each further pick is the token whose squared Euclidean distance to its nearest picked token is
+    largest (fp32, first index on ties); a token is never picked twice, so ``k <= N`` is required.
+    """
+    _check_shape(x)
+    if not 0 <= k <= x.shape[1]:
+        raise ValueError(f"farthest_point_sampling: k={k} must lie in [0, {x.shape[1]}] (the token count)")
+    scaled, _ = _unit_scaled(x)
+    return _fps_on_scaled(scaled, k, _start_indices(scaled, start, generator))
+
+
+def approximation_error(x: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-5) -> torch.Tensor:
+    """L2 norm of each token's residual after ridge least-squares reconstruction from ``basis``.
+
+    ``x`` [B, N, D], ``basis`` [B, k, D] -> fp32 [B, N]: ||x_i - Sᵀw_i|| with
+    (S Sᵀ + ridge·I) w_i = S x_i, solved as one k×k system per image (``torch.linalg.solve``, no
+    explicit inverse), in fp32 whatever the input dtype. Errors beyond the fp32 range read inf.
+    """
+    _check_shape(x)
+    _check_shape(basis, "basis")
+    if basis.shape[0] != x.shape[0] or basis.shape[2] != x.shape[2]:
+        raise ValueError(f"approximation_error: basis {tuple(basis.shape)} does not match x {tuple(x.shape)}")
+    scale = _power_of_two_scale(torch.cat([x, basis], dim=1).float())
+    scaled_x, scaled_basis = x.float() / scale, basis.float() / scale
+    return _residual_norms(scaled_x, scaled_basis, _scaled_ridge(ridge, scale)) * scale.view(-1, 1)
+
+
+def apet_compress(x: torch.Tensor, keep: int, basis: int = 10, *, ridge: float = 1e-5,
+                  merge_scaling: float = 1.0, basis_mode: BasisMode = "replace",
+                  start: FpsStart | torch.Tensor = "random", generator: torch.Generator | None = None,
+                  slot_order: SlotOrder = "ascending") -> ApetOutput:
+    """Compress each image of ``x`` [B, N, D] to ``keep`` tokens with ApET.
+
+    ``basis_mode`` decides what the ``basis`` lowest-error kept positions (the slots) hold:
+    ``replace`` the basis tokens themselves (LLaVA reference), ``blend`` 0.5·basis + 0.5·own
+    features (Qwen2.5-VL reference), ``append``: no slots; all ``keep - basis`` kept tokens are merge
+    targets and the basis tokens are returned as ``extra`` (Video-LLaVA reference). In every mode
+    ``keep`` counts all output tokens, appended ones included. ``slot_order``: basis j goes to the
+    j-th slot in ``ascending`` position order, or in descending-``error`` order (the reference's
+    LLM stage). ``keep >= N`` returns the input unchanged; ``keep <= basis`` uses ``keep - 1`` basis
+    tokens. See the module docstring for the algorithm and the choices made.
+    """
+    _check_shape(x)
+    _check_finite(x)
+    batch, n, _ = x.shape
+    if keep < 1:
+        raise ValueError(f"apet: keep={keep} must be at least 1")
+    if keep >= n:
+        return ApetOutput(torch.arange(n, device=x.device).repeat(batch, 1), x, None)
+    n_basis = min(basis, keep - 1)
+    n_targets = keep - n_basis
+
+    scaled, scale = _unit_scaled(x)
+    picks = _fps_on_scaled(scaled, n_basis, _start_indices(scaled, start, generator))
+    basis_rows = _gather_rows(scaled, picks)
+    errors = _residual_norms(scaled, basis_rows, _scaled_ridge(ridge, scale))
+    by_error = errors.argsort(dim=1, descending=True, stable=True)
+
+    targets = by_error[:, :n_targets]
+    sources = by_error[:, n_targets:] if basis_mode == "append" else by_error[:, keep:]
+    merged = _merge_into_targets(scaled, targets, sources, merge_scaling)
+    if basis_mode == "append":
+        positions, values, extra = targets, merged, _gather_rows(x, picks)
+    else:
+        slots = by_error[:, n_targets:keep]
+        if slot_order == "ascending":
+            slots = slots.sort(dim=1).values
+        slot_values = basis_rows if basis_mode == "replace" else 0.5 * basis_rows + 0.5 * _gather_rows(scaled, slots)
+        positions = torch.cat([targets, slots], dim=1)
+        values, extra = torch.cat([merged, slot_values], dim=1), None
+
+    positions, order = positions.sort(dim=1)
+    values = (_gather_rows(values, order) * scale).to(x.dtype)
+    return ApetOutput(positions, values, extra)
+
+
+def split_budget(n_visual: int, budget: float, llm_layers: int, stage2_layer: int) -> tuple[int, int]:
+    """Visual tokens (V1, V2) before and from ``stage2_layer`` on, so that the layer average is
+    ``budget`` and V1 = 3·V2 as in the reference (1.5x / 0.5x the budget when ``stage2_layer`` is
+    the middle layer, e.g. 288/96 for 192 on 32 layers).
+
+    With l = ``stage2_layer`` of L layers: (l·V1 + (L-l)·V2) / L = budget and V1 = 3·V2 give
+    V2 = budget·L / (2l + L). V2 is rounded and V1 solved from the average, so the realised average
+    is within half a token of the budget. When V1 would exceed ``n_visual``, stage 1 keeps all
+    tokens and V2 absorbs the rest; when the 3:1 split cannot be rounded (shallow stage-2 layer,
+    tiny budget) both stages keep round(budget).
+    """
+    total = budget * llm_layers
+    v2 = max(1, round(total / (2 * stage2_layer + llm_layers)))
+    v1 = round((total - (llm_layers - stage2_layer) * v2) / stage2_layer)
+    if v1 > n_visual:
+        v1 = n_visual
+        v2 = round((total - stage2_layer * n_visual) / (llm_layers - stage2_layer))
+    if v1 < v2:
+        v1 = v2 = round(budget)
+    return v1, v2
+
+
+class ApET(TokenCompressor):
+    """ApET: keep the tokens a few farthest-point basis tokens reconstruct worst; merge the rest.
+
+    Two stages by default (the LLaVA reference): before the LLM (``vision_out`` where the adapter
+    offers it, else ``projector``) and on the LLM hidden states from ``stage2_layer`` on. The plan's
+    ``keep`` at a site counts every token alive after it, appended basis tokens included.
+    """
+
+    name = "apet"
+    stages = (Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM)
+    needs = frozenset()
+    positions = "contiguous"
+    paper = "ApET: Approximation-Error guided Token compression (CVPR 2026, arXiv 2602.19870)"
+    source = "https://github.com/MaQianKun0/ApET (re-implemented from the spec, not copied)"
+
+    class Options(TokenCompressor.Options):
+        basis: int = Field(10, ge=1, description="basis tokens picked by farthest-point sampling")
+        ridge: float = Field(1e-5, gt=0, description="ridge λ of the least-squares reconstruction")
+        merge_scaling: float = Field(1.0, gt=0, description="weight of a target in its merge mean")
+        basis_mode: BasisMode = Field("replace", description="replace (LLaVA), blend (Qwen), append (video)")
+        fps_start: FpsStart = Field("random", description="first FPS pick; random uses the seeded generator")
+        stage2: bool = Field(True, description="also compress the LLM hidden states (second stage)")
+        stage2_layer: int | None = Field(
+            None, ge=1, description="first decoder layer seeing the stage-2 sequence; default 16 of 32, scaled")
+        basis_slots: Literal["ascending", "reference"] = Field(
+            "ascending", description="reference: descending-error slot order at the LLM stage, as the code")
+        positions: Literal["contiguous", "original"] = Field(
+            "contiguous", description="LLM position ids after pruning: renumbered (LLaVA) or original (Qwen)")
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.positions = self.options.positions
+
+    def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
+        if budget >= n_visual:
+            return []
+        if budget < 1:
+            raise Infeasible(f"apet: budget {budget:g} keeps less than one visual token per layer")
+        if not self.options.stage2:
+            keep = round(budget)
+            return [(_pre_llm_site(info), keep)] if keep < n_visual else []
+        layer = self._stage2_layer(info)
+        v1, v2 = split_budget(n_visual, budget, info.llm_layers, layer)
+        plan = []
+        if v1 < n_visual:
+            plan.append((_pre_llm_site(info), v1))
+        if v2 < v1:
+            plan.append((Site(Stage.LLM, layer), v2))
+        realised = layer_averaged_tokens(n_visual, plan, info.llm_layers)
+        if abs(realised - budget) > 1:
+            raise Infeasible(f"apet: the two-stage plan {v1}/{v2} averages {realised:.1f} visual tokens, "
+                             f"not {budget:g}; try stage2=false")
+        return plan
+
+    def reduce(self, x: SiteInput) -> Reduction:
+        opts = self.options
+        at_llm = x.site.stage is Stage.LLM
+        out = apet_compress(
+            x.visual, x.keep, opts.basis, ridge=opts.ridge, merge_scaling=opts.merge_scaling,
+            basis_mode=opts.basis_mode, start=opts.fps_start, generator=x.generator,
+            slot_order="error" if opts.basis_slots == "reference" and at_llm else "ascending")
+        if out.keep.shape[1] == x.visual.shape[1]:
+            return Reduction(out.keep.clone())
+        return Reduction(out.keep, out.values, out.extra)
+
+    def _stage2_layer(self, info: ModelInfo) -> int:
+        if Stage.LLM not in info.stages:
+            raise Infeasible(f"apet: the {info.family} adapter offers no llm stage; "
+                             "run apet with stage2=false for the single-stage variant")
+        layer = self.options.stage2_layer or info.scale_layer(16)
+        if not 1 <= layer < info.llm_layers:
+            raise Infeasible(f"apet: stage2_layer={layer} must lie in [1, {info.llm_layers - 1}] "
+                             f"for a {info.llm_layers}-layer LLM")
+        return layer
+
+
+def _pre_llm_site(info: ModelInfo) -> Site:
+    for stage in (Stage.VISION_OUT, Stage.PROJECTOR):
+        if stage in info.stages:
+            return Site(stage)
+    raise Infeasible(f"apet: the {info.family} adapter offers neither vision_out nor projector stages")
+
+
+def _check_shape(x: torch.Tensor, what: str = "x") -> None:
+    if x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"apet: {what} must be a floating-point [B, N, D] tensor, got "
+                         f"{x.dtype} {tuple(x.shape)}")
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    if torch.isnan(x).any():
+        raise ValueError("apet: input contains NaN values; ApET cannot rank tokens by reconstruction "
+                         "error. Check the model upstream (fp16 overflow? run it in bf16 or fp32)")
+    if torch.isinf(x).any():
+        raise ValueError("apet: input contains infinite values; check the model upstream "
+                         "(fp16 overflow? run it in bf16 or fp32)")
+
+
+def _power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 1] powers of two with max|x| / scale in [1, 2) per image (1 for all-zero images)."""
+    peak = x.abs().amax(dim=(1, 2), keepdim=True)
+    exponent = torch.frexp(peak).exponent - 1
+    scale = torch.ldexp(torch.ones_like(peak), exponent)
+    return torch.where(peak > 0, scale, torch.ones_like(peak))
+
+
+def _unit_scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``x`` divided exactly by a per-image power of two, and that scale [B, 1, 1]."""
+    x32 = x.float()
+    scale = _power_of_two_scale(x32)
+    return x32 / scale, scale
+
+
+def _scaled_ridge(ridge: float, scale: torch.Tensor) -> torch.Tensor:
+    """The ridge of the scaled problem: λ/scale² gives exactly the unscaled solution."""
+    return (ridge / scale / scale).view(-1, 1, 1).clamp_min(_FP32_TINY)
+
+
+def _start_indices(x: torch.Tensor, start: FpsStart | torch.Tensor,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    batch, n, _ = x.shape
+    if isinstance(start, torch.Tensor):
+        return start.to(device=x.device, dtype=torch.long).reshape(batch)
+    if start == "first":
+        return torch.zeros(batch, dtype=torch.long, device=x.device)
+    if start == "max_norm":
+        return x.norm(dim=2).argmax(dim=1)
+    if start == "random":
+        device = generator.device if generator is not None else "cpu"
+        return torch.randint(0, n, (batch,), generator=generator, device=device).to(x.device)
+    raise ValueError(f"apet: unknown FPS start {start!r}; use random, first, max_norm or an index tensor")
+
+
+def _fps_on_scaled(x: torch.Tensor, k: int, first: torch.Tensor) -> torch.Tensor:
+    batch, n, _ = x.shape
+    rows = torch.arange(batch, device=x.device)
+    picks = torch.empty(batch, k, dtype=torch.long, device=x.device)
+    nearest = torch.full((batch, n), float("inf"), device=x.device)
+    current = first
+    for i in range(k):
+        picks[:, i] = current
+        distance = (x - x[rows, current].unsqueeze(1)).square().sum(dim=2)
+        nearest = torch.minimum(nearest, distance)
+        nearest[rows.unsqueeze(1), picks[:, : i + 1]] = -1.0  # never pick a token twice
+        current = nearest.argmax(dim=1)
+    return picks
+
+
+def _residual_norms(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
+    if basis.shape[1] == 0:
+        return x.norm(dim=2)
+    eye = torch.eye(basis.shape[1], device=x.device)
+    gram = basis @ basis.transpose(1, 2) + ridge * eye
+    coefficients = torch.linalg.solve(gram, basis @ x.transpose(1, 2))  # [B, k, N]
+    return (x - coefficients.transpose(1, 2) @ basis).norm(dim=2)
+
+
+def _merge_into_targets(x: torch.Tensor, targets: torch.Tensor, sources: torch.Tensor,
+                        scaling: float) -> torch.Tensor:
+    """Each target becomes (scaling·x_t + Σ x_u) / (scaling + c_t) over the sources u whose most
+    cosine-similar target it is (first target on ties)."""
+    target_rows, source_rows = _gather_rows(x, targets), _gather_rows(x, sources)
+    similarity = F.normalize(source_rows, dim=2) @ F.normalize(target_rows, dim=2).transpose(1, 2)
+    assignment = similarity.argmax(dim=2)  # [B, U]
+    total = (scaling * target_rows).scatter_add(
+        1, assignment.unsqueeze(2).expand_as(source_rows), source_rows)
+    count = torch.full(targets.shape, float(scaling), device=x.device).scatter_add(
+        1, assignment, torch.ones_like(assignment, dtype=torch.float32))
+    return total / count.unsqueeze(2)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, j]] for every b, j: [B, N, D] x [B, K] -> [B, K, D]."""
+    return x.gather(1, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
+
+
+@tokenbench.hookimpl
+def register_compressors(register):
+    register(ApET)
