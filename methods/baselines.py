@@ -28,6 +28,8 @@ class NoCompression(TokenCompressor):
     paper = "uncompressed baseline"
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
+        if budget < n_visual - 0.5:
+            raise Infeasible(f"'none' keeps all {n_visual} visual tokens; it runs without a budget")
         return []
 
     def reduce(self, x: SiteInput) -> Reduction:
