@@ -41,9 +41,9 @@ from tokenbench import Infeasible, ModelInfo, Reduction, Site, SiteInput, Stage,
 def fastv_keep_after_k(n_visual: int, budget: float, llm_layers: int, k_layer: int) -> int:
     """Visual tokens to keep after layer K so that the layer average over all layers is ``budget``."""
     after = llm_layers - k_layer
-    keep = round((budget * llm_layers - k_layer * n_visual) / after)
-    if keep < 1:
-        floor = (k_layer * n_visual + after) / llm_layers
+    keep = max(1, round((budget * llm_layers - k_layer * n_visual) / after))
+    floor = (k_layer * n_visual + after) / llm_layers  # the average when one token survives
+    if keep == 1 and floor - budget > 1:
         raise Infeasible(f"FastV keeps all {n_visual} tokens in layers 0..{k_layer - 1}, so the "
                          f"layer-averaged budget cannot go below {floor:.1f} (asked {budget:g}); "
                          f"use budget_mode=after_k or a smaller k_layer")

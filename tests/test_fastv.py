@@ -1,0 +1,93 @@
+"""FastV: ranking against a plain-loop re-implementation, budget mapping, FlashAttention class."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tokenbench import (Architecture, Infeasible, ModelInfo, Site, SiteInput, Stage,
+                        layer_averaged_tokens)
+from tokenbench.methods.fastv import FastV
+
+
+def model_info(llm_layers: int, n_visual: int = 576) -> ModelInfo:
+    arch = Architecture(llm_layers=llm_layers, llm_hidden=64, llm_intermediate=128, llm_heads=4,
+                        llm_kv_heads=4, vocab_size=100, vision_layers=4, vision_hidden=32,
+                        vision_intermediate=64, vision_tokens=n_visual + 1, projector_in=32,
+                        projector_hidden=64)
+    return ModelInfo("llava", frozenset(Stage), (24, 24), n_visual, arch)
+
+
+def slow_fastv_keep(attention: torch.Tensor, keep: int) -> list[list[int]]:
+    """Per sample: the ``keep`` visual tokens with the largest mean attention over the query rows."""
+    result = []
+    for sample in attention.tolist():
+        n = len(sample[0])
+        score = [sum(row[i] for row in sample) / len(sample) for i in range(n)]
+        best = sorted(range(n), key=lambda i: -score[i])[:keep]
+        result.append(sorted(best))
+    return result
+
+
+def site_input(attention: torch.Tensor, keep: int) -> SiteInput:
+    b, _, n = attention.shape
+    return SiteInput(visual=torch.randn(b, n, 8), origin=torch.arange(n).expand(b, n), grid=(1, n),
+                     keep=keep, site=Site(Stage.LLM, 2), attention=attention,
+                     sizes=torch.ones(b, n))
+
+
+@pytest.mark.parametrize("queries", [1, 7])
+def test_keeps_the_same_tokens_as_a_plain_loop_ranking(queries):
+    gen = torch.Generator().manual_seed(queries)
+    attention = torch.rand(3, queries, 50, generator=gen)
+    x = site_input(attention, keep=17)
+    reduction = FastV(score="all_queries" if queries > 1 else "last_token").reduce(x)
+    reduction.check(x)
+    assert reduction.keep.tolist() == slow_fastv_keep(attention, 17)
+    assert reduction.values is None and reduction.extra is None
+
+
+@pytest.mark.parametrize("layers", [32, 24, 16, 8, 4, 2])
+@pytest.mark.parametrize("budget", [192, 128, 64, 11.1 / 100 * 576, 145.5])
+def test_layer_average_meets_the_budget_or_is_infeasible(layers, budget):
+    info = model_info(layers)
+    k_layer = info.scale_layer(2)
+    lowest = (k_layer * 576 + (layers - k_layer)) / layers
+    try:
+        plan = FastV().schedule(576, budget, info)
+    except Infeasible as exc:
+        assert lowest - budget > 1, f"feasible budget refused: {exc}"
+        assert "cannot go below" in str(exc)
+        return
+    assert plan == [(Site(Stage.LLM, k_layer), plan[0][1])]
+    assert abs(layer_averaged_tokens(576, plan, layers) - budget) <= 1
+
+
+def test_reference_depth_prunes_before_layer_2():
+    plan = FastV().schedule(576, 192, model_info(32))
+    assert plan == [(Site(Stage.LLM, 2), 166)]  # (192*32 - 2*576) / 30 = 166.4
+
+
+def test_after_k_keeps_the_budget_after_layer_k():
+    plan = FastV(budget_mode="after_k").schedule(576, 64, model_info(32))
+    assert plan == [(Site(Stage.LLM, 2), 64)]
+    assert layer_averaged_tokens(576, plan, 32) > 64  # layers 0 and 1 still see 576
+
+
+def test_full_budget_is_a_no_op():
+    assert FastV().schedule(576, 576, model_info(32)) == []
+
+
+def test_flash_attention_class_follows_the_score_option():
+    default = FastV()
+    assert default.flash_attention == "probe" and default.attention_queries == "last"
+    paper = FastV(score="all_queries")
+    assert paper.flash_attention == "eager" and paper.attention_queries == "all"
+    assert FastV.attention_queries == "last"  # the option changes the instance only
+    assert default.positions == "original"
+
+
+def test_unknown_option_is_rejected():
+    with pytest.raises(ValidationError):
+        FastV(k=3)
