@@ -79,7 +79,8 @@ class ApetOutput(NamedTuple):
 
     - ``keep`` [B, K]: indices of the surviving tokens in ascending original order.
     - ``values`` [B, K, D]: their features after merging / basis insertion, in the input dtype.
-    - ``extra`` [B, k, D]: the basis tokens appended after them (``basis_mode="append"``), else None.
+    - ``extra`` [B, k, D]: the basis tokens appended after them (``basis_mode="append"`` with k >= 1),
+      else None.
     """
 
     keep: torch.Tensor
@@ -155,7 +156,8 @@ def apet_compress(x: torch.Tensor, keep: int, basis: int = 10, *, ridge: float =
     sources = by_error[:, n_targets:] if basis_mode == "append" else by_error[:, keep:]
     merged = _merge_into_targets(scaled, targets, sources, merge_scaling)
     if basis_mode == "append":
-        positions, values, extra = targets, merged, _gather_rows(x, picks)
+        positions, values = targets, merged
+        extra = _gather_rows(x, picks) if n_basis else None
     else:
         slots = by_error[:, n_targets:keep]
         if slot_order == "ascending":
