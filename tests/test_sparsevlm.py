@@ -1,0 +1,165 @@
+"""SparseVLM: raters, scores, recycling against a plain-loop re-implementation; schedules; budgets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tokenbench import (Architecture, Infeasible, ModelInfo, Site, SiteInput, Stage,
+                        layer_averaged_tokens)
+from tokenbench.methods.sparsevlm import SparseVLM, recycled_clusters
+
+
+def model_info(llm_layers: int = 32, n_visual: int = 576) -> ModelInfo:
+    arch = Architecture(llm_layers=llm_layers, llm_hidden=64, llm_intermediate=128, llm_heads=4,
+                        llm_kv_heads=4, vocab_size=100, vision_layers=4, vision_hidden=32,
+                        vision_intermediate=64, vision_tokens=n_visual + 1, projector_in=32,
+                        projector_hidden=64)
+    return ModelInfo("llava", frozenset(Stage), (24, 24), n_visual, arch)
+
+
+def dot(u, v):
+    return sum(a * b for a, b in zip(u, v))
+
+
+def slow_raters(visual: list[list[float]], text: list[list[float]]) -> list[int]:
+    relevance = [0.0] * len(text)
+    for v in visual:
+        logits = [dot(v, t) for t in text]
+        top = max(logits)
+        exps = [math.exp(z - top) for z in logits]
+        for i, e in enumerate(exps):
+            relevance[i] += e / sum(exps) / len(visual)
+    mean = sum(relevance) / len(relevance)
+    return [i for i, r in enumerate(relevance) if r > mean]
+
+
+def slow_density_peaks(points: list[list[float]], clusters: int) -> list[list[float]]:
+    """Density-peak kNN clustering with loops; points come in descending score order."""
+    n, d = len(points), len(points[0])
+    dist = [[math.sqrt(sum((a - b) ** 2 for a, b in zip(p, q))) / math.sqrt(d) for q in points]
+            for p in points]
+    density = [math.exp(-sum(x ** 2 for x in sorted(row)[:clusters]) / clusters) for row in dist]
+    far = max(max(row) for row in dist)
+    delta = []
+    for i in range(n):
+        denser = [dist[i][j] for j in range(n)
+                  if density[j] > density[i] or (density[j] == density[i] and j < i)]
+        delta.append(min(denser) if denser else far)
+    centres = sorted(range(n), key=lambda i: -density[i] * delta[i])[:clusters]
+    members: list[list[int]] = [[] for _ in centres]
+    for i in range(n):
+        if i in centres:
+            members[centres.index(i)].append(i)
+        else:
+            members[min(range(clusters), key=lambda c: dist[i][centres[c]])].append(i)
+    return [[sum(points[i][k] for i in group) / len(group) for k in range(d)] for group in members]
+
+
+def slow_sparsevlm(visual, text, attention, keep):
+    """One SparseVLM v1.5 site on one sample: (kept indices, recycled cluster tokens)."""
+    raters = slow_raters(visual, text)
+    n = len(visual)
+    score = [sum(attention[r][j] for r in raters) / len(raters) for j in range(n)]
+    ranked = sorted(range(n), key=lambda j: -score[j])
+    kept, deleted = ranked[:keep], ranked[keep:]
+    recycled = deleted[:math.floor(0.3 * len(deleted)) + 1]
+    clusters = math.floor(len(recycled) / 10) + 1
+    return sorted(kept), slow_density_peaks([visual[j] for j in recycled], clusters)
+
+
+def llm_input(visual, text, attention, keep) -> SiteInput:
+    b, n, _ = visual.shape
+    return SiteInput(visual=visual, origin=torch.arange(n).expand(b, n), grid=(1, n), keep=keep,
+                     site=Site(Stage.LLM, 3), attention=attention, text=text,
+                     sizes=torch.ones(b, n))
+
+
+@pytest.mark.parametrize("n, keep", [(60, 20), (45, 30), (33, 5)])
+def test_site_matches_a_plain_loop_reimplementation(n, keep):
+    gen = torch.Generator().manual_seed(n)
+    visual = torch.randn(2, n, 6, generator=gen, dtype=torch.float64)
+    text = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64)
+    attention = torch.rand(2, 9, n, generator=gen, dtype=torch.float64)
+    site = llm_input(visual, text, attention, keep)
+    reduction = SparseVLM().reduce(site)
+    reduction.check(site)
+    for i in range(2):
+        kept, recycled = slow_sparsevlm(visual[i].tolist(), text[i].tolist(),
+                                        attention[i].tolist(), keep)
+        assert reduction.keep[i].tolist() == kept
+        assert torch.allclose(reduction.extra[i], torch.tensor(recycled, dtype=torch.float64))
+    assert reduction.extra.shape[1] == recycled_clusters(n - keep)
+
+
+def test_recycling_can_be_switched_off():
+    gen = torch.Generator().manual_seed(0)
+    site = llm_input(torch.randn(1, 40, 6, generator=gen), torch.randn(1, 5, 6, generator=gen),
+                     torch.rand(1, 5, 40, generator=gen), 10)
+    assert SparseVLM(recycle=False).reduce(site).extra is None
+
+
+def test_recycled_cluster_counts_follow_the_reference():
+    # 576 -> 300 deletes 276: 83 recycled candidates -> 9 clusters
+    assert recycled_clusters(276) == 9
+    assert recycled_clusters(1) == 1 and recycled_clusters(0) == 0
+
+
+def test_sites_prune_the_output_of_layers_2_6_15():
+    plan = SparseVLM().schedule(576, 192, model_info(32))
+    assert [site for site, _ in plan] == [Site(Stage.LLM, 3), Site(Stage.LLM, 7), Site(Stage.LLM, 16)]
+
+
+@pytest.mark.parametrize("layers", [32, 28, 16, 8, 4, 2])
+@pytest.mark.parametrize("n_visual, budget", [(576, 192), (576, 128), (576, 96), (576, 64),
+                                              (576, 300.5), (432, 0.333 * 432), (432, 0.111 * 432)])
+def test_layer_average_with_recycled_tokens_meets_the_budget(layers, n_visual, budget):
+    method = SparseVLM()
+    info = model_info(layers, n_visual)
+    try:
+        plan = method.schedule(n_visual, budget, info)
+    except Infeasible as exc:
+        first = min(info.scale_layer(2) + 1, layers - 1)
+        lowest = (first * n_visual + (layers - first) * 2) / layers  # one kept + one recycled
+        assert budget < lowest + 1, f"feasible budget refused: {exc}"
+        return
+    keeps = [keep for _, keep in plan]
+    assert keeps == sorted(keeps, reverse=True) or len(plan) == 1
+    averaged = layer_averaged_tokens(n_visual, plan, layers, method.planned_extra(n_visual, plan))
+    assert abs(averaged - budget) <= 1
+
+
+def test_reference_schedule_runs_the_published_keeps():
+    method = SparseVLM(schedule="reference")
+    plan = method.schedule(576, 192, model_info(32))
+    assert plan == [(Site(Stage.LLM, 3), 300), (Site(Stage.LLM, 7), 200), (Site(Stage.LLM, 16), 110)]
+    averaged = layer_averaged_tokens(576, plan, 32, method.planned_extra(576, plan))
+    assert averaged == pytest.approx(206.5)  # (3*576 + 4*309 + 9*204 + 16*113) / 32
+    with pytest.raises(Infeasible, match="schedule=budget"):
+        method.schedule(576, 100, model_info(32))
+
+
+def test_v1_needs_its_rank_presets_and_prunes_after_four_layers():
+    with pytest.raises(Infeasible, match="rank_lambda"):
+        SparseVLM(version="v1").schedule(576, 192, model_info(32))
+    plan = SparseVLM(version="v1", rank_lambda=13.5, rank_bias=0).schedule(576, 192, model_info(32))
+    assert [site.layer for site, _ in plan] == [3, 7, 16, 20]
+
+
+def test_v1_keeps_rank_times_lambda_plus_b():
+    gen = torch.Generator().manual_seed(3)
+    n, rank = 80, 3
+    basis = torch.rand(rank, n, generator=gen)
+    attention = (torch.rand(1, 12, rank, generator=gen) @ basis).double()  # rank-3 rows
+    visual, text = torch.randn(1, n, 6, generator=gen).double(), torch.randn(1, 12, 6, generator=gen).double()
+    site = llm_input(visual, text, attention, n - 1)
+    reduction = SparseVLM(version="v1", rank_lambda=9.0, rank_bias=6.0, recycle=False).reduce(site)
+    assert reduction.keep.shape[1] == math.floor(rank * 9.0 + 6.0)
+
+
+def test_flash_attention_class_and_positions():
+    method = SparseVLM()
+    assert method.flash_attention == "probe" and method.attention_queries == "text"
+    assert method.needs == frozenset({"attention", "text"}) and method.positions == "contiguous"
