@@ -8,6 +8,7 @@ classes instantiated from small configs. Each factory writes a directory that lo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -69,3 +70,86 @@ def word_level_tokenizer(words: Sequence[str], special_tokens: Sequence[str] = (
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+LLAVA_IMAGE_TOKEN = "<image>"
+QWEN_SPECIAL = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+
+
+def _qwen_chat_template() -> str:
+    return simple_chat_template("<|vision_start|><|image_pad|><|vision_end|>")
+
+
+def tiny_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, vision_layers: int = 3,
+               llm_layers: int = 4, seed: int = 0) -> Path:
+    """A random-weight LLaVA-1.5-shaped model: 336px CLIP, patch 14 (24×24 = 576 visual tokens),
+    ``vision_feature_layer=-2`` with the CLS token dropped, a 2-layer MLP projector and a GQA
+    Llama decoder of hidden size 64. Saved with its processor under ``directory``."""
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    directory = Path(directory)
+    tokenizer = word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN],
+                                     chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN),
+                                     extra_attributes={"image_token": LLAVA_IMAGE_TOKEN})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=2, image_size=336, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=llm_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336},
+                                            crop_size={"height": 336, "width": 336})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=tokenizer.chat_template)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def tiny_qwen2_vl(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, llm_layers: int = 4,
+                  image_size: int = 224, seed: int = 0) -> Path:
+    """A random-weight Qwen2-VL: patch 14, 2×2 spatial merge, so a ``image_size``² image gives an
+    (image_size/28)² grid of visual tokens (8×8 = 64 at 224px); M-RoPE decoder of hidden size 64."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    directory = Path(directory)
+    tokenizer = word_level_tokenizer(words, special_tokens=QWEN_SPECIAL, chat_template=_qwen_chat_template(),
+                                     extra_attributes={"image_token": "<|image_pad|>",
+                                                       "video_token": "<|video_pad|>",
+                                                       "vision_start_token": "<|vision_start|>",
+                                                       "vision_end_token": "<|vision_end|>"})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=llm_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, rope_parameters={"rope_type": "default",
+                                                                        "rope_theta": 10000.0,
+                                                                        "mrope_section": [2, 3, 3]},
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    pixels = image_size * image_size
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels},
+                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    # Qwen2VLProcessor insists on a video processor, which needs torchvision; save the parts a
+    # processor is made of instead (AutoProcessor assembles them where torchvision is present).
+    tokenizer.save_pretrained(directory)
+    image_processor.save_pretrained(directory)
+    (directory / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    return directory

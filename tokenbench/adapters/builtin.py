@@ -1,0 +1,13 @@
+"""Registers tokenbench's own adapters (entry point ``tokenbench.adapters.builtin``)."""
+
+from __future__ import annotations
+
+import tokenbench
+from tokenbench.adapters.llava import LlavaAdapter
+from tokenbench.adapters.qwen2_vl import Qwen2VLAdapter
+
+
+@tokenbench.hookimpl
+def register_adapters(register):
+    register(LlavaAdapter)
+    register(Qwen2VLAdapter)

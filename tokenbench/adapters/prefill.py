@@ -1,0 +1,337 @@
+"""The staged prefill and the greedy decode that continues on its shortened KV cache.
+
+One explicit loop over the stock decoder layer modules: embeddings go in, and before every layer
+that starts an ``llm`` site the loop gathers the signals the method asked for, reduces the visual
+span and splices the sequence (hidden states, position ids, padding mask) before calling the
+layer. Layers keep their own KV-cache entries, so after an ``llm``-stage reduction the cache of
+early layers is longer than that of later ones; decoding builds one mask and one set of rotary
+tables per layer from that layer's own cache and position bookkeeping.
+
+Position ids: ``[B, S]`` (RoPE) or ``[3, B, S]`` (M-RoPE). A surviving token keeps the position id
+it had (policy ``original``) or the sequence is renumbered ``0..L'-1`` (policy ``contiguous``).
+Tokens a method appends (``Reduction.extra``) take the position id of the last slot of the visual
+span they replace, so the text after the image keeps its own positions. A decode step at layer
+``l`` uses ``1 + the largest position that layer saw`` plus the step: with ``original`` that is
+the uncompressed next position (Qwen2-VL's ``rope_deltas`` arithmetic), with ``contiguous`` the
+layer's own cache length (FastV's shifted decode positions).
+
+Masks: with SDPA and no padding no mask is built at all (``is_causal``), so the fused kernels
+(flash included) stay eligible; otherwise a boolean ``[B, 1, Q, K]`` mask for SDPA, an additive
+float mask for eager, and the 2-D padding mask for ``flash_attention_2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from tokenbench.adapters.base import AdapterError, TokenTrace
+from tokenbench.adapters.probe import RotaryFn, decoder_attention_rows, head_mean_keys
+from tokenbench.adapters.sites import Applied, VisualBlock, run_site
+from tokenbench.compressor import Site, Stage, TokenCompressor
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+
+
+@dataclass
+class Decoder:
+    """The stock modules of one family's language model that the loop drives."""
+
+    embed: nn.Module
+    layers: Sequence[nn.Module]
+    norm: nn.Module
+    lm_head: nn.Module
+    rotary_emb: nn.Module  # rotary_emb(x, position_ids) -> (cos, sin)
+    rotary: RotaryFn  # the family's apply_rotary_pos_emb(q, k, cos, sin)
+    attn_impl: str
+
+
+@dataclass
+class TokenSequence:
+    """A left-padded batch of prompts with one visual span per row.
+
+    The visual span of row ``b`` is ``[visual_start[b], visual_start[b] + n_visual)``; every row
+    has the same ``n_visual`` (reductions keep the same count per row), so rows stay aligned.
+    """
+
+    hidden: torch.Tensor  # [B, S, D]
+    positions: torch.Tensor  # [B, S] or [3, B, S]
+    valid: torch.Tensor  # [B, S] bool, False on left padding
+    visual_start: torch.Tensor  # [B] long
+    block: VisualBlock  # origin / sizes of the visual span (tokens = current features)
+
+    @property
+    def n_visual(self) -> int:
+        return self.block.origin.shape[1]
+
+    def visual_index(self) -> torch.Tensor:
+        """``[B, N]`` sequence index of each visual token."""
+        return self.visual_start[:, None] + torch.arange(self.n_visual, device=self.hidden.device)
+
+    def text_after_image(self) -> torch.Tensor:
+        """The hidden states of the text that follows the image (one row; see ``batchable``)."""
+        if self.hidden.shape[0] != 1:
+            raise AdapterError("text signals need batch size 1; the harness batches such methods by one")
+        start = int(self.visual_start[0]) + self.n_visual
+        return self.hidden[:, start:]
+
+
+def splice(seq: TokenSequence, applied: Applied, policy: str) -> TokenSequence:
+    """Replace the visual span by ``applied.block`` (``applied.source`` maps new to old tokens)."""
+    hidden, device = seq.hidden, seq.hidden.device
+    b, s, _ = hidden.shape
+    n, k = seq.n_visual, applied.block.tokens.shape[1]
+    new_len = s - n + k
+    j = torch.arange(new_len, device=device)[None]
+    start = seq.visual_start[:, None]
+    in_visual = (j >= start) & (j < start + k)
+    relative = (j - start).clamp(0, max(k - 1, 0))
+    text_source = torch.where(j < start, j, j - k + n).clamp(0, s - 1)
+    old_visual = applied.source.gather(1, relative) if k else relative
+    visual_source = start + torch.where(old_visual >= 0, old_visual, n - 1)
+    source = torch.where(in_visual, visual_source, text_source)  # [B, S'] index into the old sequence
+    text_hidden = hidden.gather(1, text_source.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    if k:
+        visual = applied.block.tokens.to(hidden.dtype)
+        visual_hidden = visual.gather(1, relative.unsqueeze(-1).expand(-1, -1, visual.shape[-1]))
+        new_hidden = torch.where(in_visual.unsqueeze(-1), visual_hidden, text_hidden)
+    else:
+        new_hidden = text_hidden
+    valid = torch.where(in_visual, True, seq.valid.gather(1, text_source))
+    if policy == "contiguous":
+        positions = contiguous_positions(valid)
+        if seq.positions.dim() == 3:
+            positions = positions.expand(3, -1, -1)
+    elif seq.positions.dim() == 3:
+        positions = seq.positions.gather(2, source.expand(3, -1, -1))
+    else:
+        positions = seq.positions.gather(1, source)
+    return TokenSequence(new_hidden, positions, valid, seq.visual_start, applied.block)
+
+
+def contiguous_positions(valid: torch.Tensor) -> torch.Tensor:
+    """``0..L-1`` over the valid tokens of each row, 0 on padding (as HF ``generate`` does)."""
+    return (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+
+
+def prefill_mask(impl: str, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Causal-and-padding mask for a prefill over ``valid`` [B, S] in the form ``impl`` expects."""
+    if impl == "flash_attention_2":
+        return None if bool(valid.all()) else valid.long()
+    if impl == "sdpa" and bool(valid.all()):
+        return None  # SDPA's is_causal path: no mask, fused kernels stay eligible
+    s = valid.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
+    allowed = (causal[None] & valid[:, None, :]) | torch.eye(s, dtype=torch.bool, device=valid.device)
+    return _as_impl(impl, allowed[:, None], dtype)
+
+
+def decode_mask(impl: str, kv_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Padding mask for one new query over a layer's cache ``kv_valid`` [B, K]."""
+    if bool(kv_valid.all()):
+        return None
+    if impl == "flash_attention_2":
+        return kv_valid.long()
+    return _as_impl(impl, kv_valid[:, None, None, :], dtype)
+
+
+def _as_impl(impl: str, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if impl == "eager":  # eager attention adds the mask to the logits
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+@dataclass
+class PrefillResult:
+    """What decoding needs from the prefill, plus what tests inspect."""
+
+    cache: object
+    logits: torch.Tensor  # [B, V] at the last prompt token
+    next_position: list[torch.Tensor]  # per layer, [B]: first decode position
+    kv_valid: list[torch.Tensor]  # per layer, [B, K_l]
+    layer_positions: list[torch.Tensor] = field(default_factory=list)  # positions fed to each layer
+
+
+class StagedPrefill:
+    """Runs the decoder layers over a :class:`TokenSequence`, reducing at ``llm`` sites."""
+
+    def __init__(self, decoder: Decoder, compressor: TokenCompressor | None, llm_sites: dict[int, int],
+                 grid: tuple[int, int], generator: torch.Generator | None, traces: list[TokenTrace],
+                 position_policy: str) -> None:
+        self.decoder = decoder
+        self.compressor = compressor
+        self.sites = llm_sites
+        self.grid = grid
+        self.generator = generator
+        self.traces = traces
+        self.policy = position_policy
+        needs = compressor.needs if compressor is not None else frozenset()
+        self.wants_probe = bool({"attention", "keys"} & set(needs))
+
+    def run(self, seq: TokenSequence) -> PrefillResult:
+        from transformers import DynamicCache
+
+        dec = self.decoder
+        cache = DynamicCache()
+        layer_count = len(dec.layers)
+        bad = [layer for layer in self.sites if not 0 <= layer < layer_count]
+        if bad:
+            raise AdapterError(f"llm site at layer {bad[0]} is outside the decoder's 0..{layer_count - 1}")
+        next_position, kv_valid, layer_positions = [], [], []
+        cos_sin = dec.rotary_emb(seq.hidden, seq.positions)
+        mask = prefill_mask(dec.attn_impl, seq.valid, seq.hidden.dtype)
+        previous: tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        for index, layer in enumerate(dec.layers):
+            if index in self.sites:
+                seq = self._reduce(seq, index, self.sites[index], previous, cache)
+                cos_sin = dec.rotary_emb(seq.hidden, seq.positions)
+                mask = prefill_mask(dec.attn_impl, seq.valid, seq.hidden.dtype)
+            self._record(seq)
+            if self.wants_probe and index + 1 in self.sites:
+                previous = (index, seq.hidden, cos_sin)
+            layer_positions.append(seq.positions)
+            seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=cos_sin,
+                               past_key_values=cache, use_cache=True, position_ids=None)
+            next_position.append(_largest_position(seq) + 1)
+            kv_valid.append(seq.valid)
+        logits = dec.lm_head(dec.norm(seq.hidden[:, -1:]))[:, -1]
+        return PrefillResult(cache, logits, next_position, kv_valid, layer_positions)
+
+    def _record(self, seq: TokenSequence) -> None:
+        totals = seq.valid.sum(dim=1).tolist()
+        for trace, total in zip(self.traces, totals):
+            trace.llm_visual.append(seq.n_visual)
+            trace.llm_total.append(int(total))
+            if self.decoder.attn_impl == "eager":
+                trace.eager_attention_calls += 1
+
+    def _reduce(self, seq: TokenSequence, index: int, keep: int,
+                previous: tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None,
+                cache: object) -> TokenSequence:
+        assert self.compressor is not None
+        needs = self.compressor.needs
+        signals: dict[str, torch.Tensor | None] = {}
+        if {"attention", "keys"} & set(needs):
+            if previous is None:  # a site before layer 0 reads layer 0's projections of its input
+                probe_layer, hidden_in, cos_sin = 0, seq.hidden, self.decoder.rotary_emb(seq.hidden,
+                                                                                           seq.positions)
+                keys = None
+            else:
+                probe_layer, hidden_in, cos_sin = previous
+                keys = cache.layers[probe_layer].keys
+            layer = self.decoder.layers[probe_layer]
+            normed = layer.input_layernorm(hidden_in)
+            attn = layer.self_attn
+            if "keys" in needs:
+                visual_rows = _rows(normed, seq.visual_index())
+                signals["keys"] = head_mean_keys(attn.k_proj, visual_rows, attn.head_dim)
+            if "attention" in needs:
+                if keys is None:
+                    keys = _rotated_keys(attn, normed, cos_sin, self.decoder.rotary)
+                signals["attention"] = self._attention(seq, attn, normed, cos_sin, keys)
+        if "text" in needs:
+            signals["text"] = seq.text_after_image()
+        site = Site(Stage.LLM, index)
+        block = VisualBlock(_rows(seq.hidden, seq.visual_index()), seq.block.origin, seq.block.sizes)
+        applied = run_site(self.compressor, site, keep, block, self.grid, self.generator, **signals)
+        return splice(seq, applied, self.policy)
+
+    def _attention(self, seq: TokenSequence, attn: nn.Module, normed: torch.Tensor,
+                   cos_sin: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
+        assert self.compressor is not None
+        rows = query_rows(seq, self.compressor.attention_queries)
+        cos, sin = (_rows(t, rows) for t in cos_sin)
+        s = seq.hidden.shape[1]
+        allowed = (torch.arange(s, device=rows.device)[None, None] <= rows[..., None]) & seq.valid[:, None]
+        probs = decoder_attention_rows(attn, _rows(normed, rows), cos, sin, keys, allowed, self.decoder.rotary)
+        for trace in self.traces:
+            if self.compressor.attention_queries == "all":
+                trace.eager_attention_calls += 1  # a full map: the eager class, counted as such
+            else:
+                trace.probe_rows += rows.shape[1]
+        return probs.gather(2, seq.visual_index()[:, None].expand(-1, rows.shape[1], -1))
+
+
+def query_rows(seq: TokenSequence, queries: str) -> torch.Tensor:
+    """``[B, Q]`` sequence indices of the attention query rows a method asked for."""
+    b, s = seq.valid.shape
+    device = seq.hidden.device
+    if queries == "last":
+        return torch.full((b, 1), s - 1, device=device)
+    if queries == "all":
+        return torch.arange(s, device=device).expand(b, s)
+    if b != 1:
+        raise AdapterError("attention_queries='text' needs batch size 1; the harness batches it by one")
+    start = int(seq.visual_start[0]) + seq.n_visual
+    return torch.arange(start, s, device=device)[None]
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b]]`` for ``x`` [B, S, ...] and ``index`` [B, Q]."""
+    expanded = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, expanded)
+
+
+def _rotated_keys(attn: nn.Module, normed: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                  rotary: RotaryFn) -> torch.Tensor:
+    b, s, _ = normed.shape
+    keys = attn.k_proj(normed).view(b, s, -1, attn.head_dim).transpose(1, 2)
+    keys, _ = rotary(keys, keys, *cos_sin)
+    return keys
+
+
+def _largest_position(seq: TokenSequence) -> torch.Tensor:
+    positions = seq.positions if seq.positions.dim() == 2 else seq.positions.max(dim=0).values
+    return positions.masked_fill(~seq.valid, -1).max(dim=1).values
+
+
+def greedy_decode(decoder: Decoder, prefill: PrefillResult, max_new_tokens: int,
+                  eos_ids: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens ``[B, T]`` and their logits ``[B, T, V]``; stops once every row hit EOS."""
+    logits = prefill.logits
+    tokens = logits.argmax(-1)
+    out_tokens, out_logits = [tokens], [logits]
+    kv_valid = list(prefill.kv_valid)
+    multimodal = prefill.layer_positions[0].dim() == 3
+    finished = _is_eos(tokens, eos_ids)
+    groups = [_group(prefill.next_position, index) for index in range(len(decoder.layers))]
+    for step in range(max_new_tokens - 1):
+        if bool(finished.all()):
+            break
+        hidden = decoder.embed(tokens[:, None])
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for index, layer in enumerate(decoder.layers):
+            position = (prefill.next_position[index] + step)[:, None]
+            if multimodal:
+                position = position[None].expand(3, -1, -1)
+            key = groups[index]
+            if key not in tables:
+                tables[key] = decoder.rotary_emb(hidden, position)
+            kv_valid[index] = torch.cat([kv_valid[index], torch.ones_like(kv_valid[index][:, :1])], dim=1)
+            mask = decode_mask(decoder.attn_impl, kv_valid[index], hidden.dtype)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=tables[key],
+                           past_key_values=prefill.cache, use_cache=True, position_ids=None)
+        logits = decoder.lm_head(decoder.norm(hidden))[:, -1]
+        tokens = logits.argmax(-1)
+        out_tokens.append(tokens)
+        out_logits.append(logits)
+        finished = finished | _is_eos(tokens, eos_ids)
+    return torch.stack(out_tokens, dim=1), torch.stack(out_logits, dim=1)
+
+
+def _group(next_position: list[torch.Tensor], index: int) -> int:
+    """The first layer whose decode positions equal layer ``index``'s (shares rotary tables)."""
+    for earlier in range(index):
+        if torch.equal(next_position[earlier], next_position[index]):
+            return earlier
+    return index
+
+
+def _is_eos(tokens: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
+    if not eos_ids:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    return torch.isin(tokens, torch.tensor(sorted(eos_ids), device=tokens.device))

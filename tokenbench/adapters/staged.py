@@ -1,0 +1,208 @@
+"""The generation flow shared by adapters that own their prefill.
+
+``encode`` (family) → vision encoder and pre-LLM sites (family) → splice the surviving visual
+tokens into the prompt → :class:`~tokenbench.adapters.prefill.StagedPrefill` → greedy decode.
+A family adapter implements :meth:`StagedAdapter._encode`, :meth:`StagedAdapter._visual_tokens`
+and :meth:`StagedAdapter._decoder`.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Sequence
+
+import torch
+
+from tokenbench.adapters.base import AdapterError, Generation, Prompt, TokenTrace, VLMAdapter
+from tokenbench.adapters.prefill import (Decoder, StagedPrefill, TokenSequence, contiguous_positions,
+                                         greedy_decode, splice)
+from tokenbench.adapters.sites import Applied, VisualBlock
+from tokenbench.budget import Budget
+from tokenbench.compressor import Site, Stage, TokenCompressor
+
+
+@dataclass
+class Encoded:
+    """A tokenised, left-padded batch with its image inputs."""
+
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S]
+    image_inputs: dict[str, torch.Tensor]
+    image_token_id: int
+    grid: tuple[int, int]  # visual-token grid of the (equal-sized) images
+    positions: torch.Tensor | None = None  # family-computed position ids (M-RoPE), else derived
+
+    @property
+    def n_visual(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class Plan:
+    """A compressor's schedule split by stage."""
+
+    compressor: TokenCompressor | None
+    sites: list[tuple[Site, int]] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    def at(self, stage: Stage) -> dict[int, int]:
+        return {site.layer: keep for site, keep in self.sites if site.stage is stage}
+
+
+@dataclass
+class Run:
+    """One batch's generations plus what tests inspect: tokens, per-step logits, layer positions."""
+
+    generations: list[Generation]
+    tokens: torch.Tensor  # [B, T]
+    logits: torch.Tensor  # [B, T, V]
+    layer_positions: list[torch.Tensor]  # position ids fed to each decoder layer in prefill
+
+
+class PhaseTimer:
+    """Milliseconds per phase: CUDA events on GPU, ``perf_counter`` after a sync elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            torch.cuda.synchronize()
+            self.ms[name] = self.ms.get(name, 0.0) + start.elapsed_time(end)
+        else:
+            began = time.perf_counter()
+            yield
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - began) * 1000
+
+
+class StagedAdapter(VLMAdapter):
+    """A :class:`VLMAdapter` whose prefill is the staged loop; families fill in three hooks."""
+
+    #: Position policy forced by the family (Qwen2-VL keeps M-RoPE ids), else the method's choice.
+    fixed_position_policy: ClassVar[str | None] = None
+
+    def batchable(self, compressor: TokenCompressor | None) -> bool:
+        """Batches need one query row per sample: ``text`` signals and ``text``/``all`` attention
+        rows differ in length between left-padded rows, so those methods run one sample at a time."""
+        if compressor is None:
+            return True
+        if "text" in compressor.needs:
+            return False
+        return not ("attention" in compressor.needs and compressor.attention_queries != "last")
+
+    def generate(self, prompts: Sequence[Prompt], *, compressor: TokenCompressor | None = None,
+                 budget: Budget | None = None, max_new_tokens: int = 8, seed: int = 0) -> list[Generation]:
+        out: list[Generation] = []
+        for group in self._groups(prompts, compressor):
+            out.extend(self.run(group, compressor=compressor, budget=budget, max_new_tokens=max_new_tokens,
+                                seed=seed).generations)
+        return out
+
+    def _groups(self, prompts: Sequence[Prompt], compressor: TokenCompressor | None) -> list[list[Prompt]]:
+        if not self.batchable(compressor):
+            return [[p] for p in prompts]
+        groups: dict[Any, list[Prompt]] = {}
+        for prompt in prompts:
+            groups.setdefault(self._batch_key(prompt), []).append(prompt)
+        return list(groups.values())
+
+    def _batch_key(self, prompt: Prompt) -> Any:
+        """Prompts with equal keys give equal visual-token counts and may share a batch."""
+        return None
+
+    def run(self, prompts: Sequence[Prompt], *, compressor: TokenCompressor | None = None,
+            budget: Budget | None = None, max_new_tokens: int = 8, seed: int = 0) -> Run:
+        """Generate for one batch (equal visual-token counts) and keep the internals tests check."""
+        if any(p.image is None for p in prompts):
+            raise AdapterError("every prompt needs an image; text-only prompts are not supported")
+        encoded = self._encode(prompts)
+        plan = self._plan(encoded, compressor, budget, seed)
+        traces = [TokenTrace(n_visual=encoded.n_visual, plan=[(str(s.stage), s.layer, k) for s, k in plan.sites],
+                             prompt_tokens=int(n)) for n in encoded.attention_mask.sum(dim=1).tolist()]
+        policy = self.fixed_position_policy or (compressor.positions if compressor else "original")
+        timer = PhaseTimer(self.device)
+        decoder = self._decoder()
+        with torch.inference_mode():
+            sequence = self._placeholder_sequence(encoded, decoder)
+            with timer.phase("vision"):
+                block = self._visual_tokens(encoded, plan, sequence, traces)
+            with timer.phase("prefill"):
+                sequence = splice(sequence, Applied(block, block.origin, 0), policy)
+                prefill = StagedPrefill(decoder, compressor, plan.at(Stage.LLM), encoded.grid, plan.generator,
+                                        traces, policy).run(sequence)
+            with timer.phase("decode"):
+                tokens, logits = greedy_decode(decoder, prefill, max_new_tokens, self._eos_ids())
+        return Run(self._generations(tokens, traces, timer.ms), tokens, logits, prefill.layer_positions)
+
+    def _plan(self, encoded: Encoded, compressor: TokenCompressor | None, budget: Budget | None,
+              seed: int) -> Plan:
+        if compressor is None or budget is None:
+            return Plan(None)
+        n = encoded.n_visual
+        info = self.info(n, grid=encoded.grid)
+        sites = list(compressor.schedule(n, budget.target(n), info))
+        unsupported = sorted({str(site.stage) for site, _ in sites} - {str(s) for s in self.stages})
+        if unsupported:
+            raise AdapterError(f"method '{compressor.name}' scheduled stage(s) {', '.join(unsupported)}, which "
+                               f"the {self.name} adapter does not offer; it offers "
+                               f"{', '.join(sorted(str(s) for s in self.stages))}")
+        return Plan(compressor, sites, torch.Generator().manual_seed(seed))
+
+    def _placeholder_sequence(self, encoded: Encoded, decoder: Decoder) -> TokenSequence:
+        """The prompt as LLM input embeddings; the visual span still holds placeholder embeddings."""
+        ids, mask = encoded.input_ids, encoded.attention_mask.bool()
+        is_image = ids == encoded.image_token_id
+        counts = is_image.sum(dim=1)
+        if not bool((counts == encoded.n_visual).all()):
+            raise AdapterError(f"each prompt must hold exactly one image of {encoded.n_visual} tokens, "
+                               f"got {counts.tolist()} image tokens per prompt")
+        start = is_image.int().argmax(dim=1)
+        positions = encoded.positions if encoded.positions is not None else contiguous_positions(mask)
+        hidden = decoder.embed(ids)
+        block = VisualBlock.fresh(hidden[:, :encoded.n_visual])
+        return TokenSequence(hidden, positions, mask, start, block)
+
+    def _generations(self, tokens: torch.Tensor, traces: list[TokenTrace],
+                     timings: dict[str, float]) -> list[Generation]:
+        eos = self._eos_ids()
+        out = []
+        for row, trace in zip(tokens.tolist(), traces):
+            length = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            trace.generated_tokens = length
+            text = self.processor.tokenizer.decode(row[:length], skip_special_tokens=True).strip()
+            out.append(Generation(text, trace, dict(timings)))
+        return out
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.processor.tokenizer.eos_token_id
+        if eos is None:
+            return set()
+        return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+    @abstractmethod
+    def info(self, n_visual: int | None = None, grid: tuple[int, int] | None = None) -> Any:
+        ...
+
+    @abstractmethod
+    def _encode(self, prompts: Sequence[Prompt]) -> Encoded:
+        """Apply the chat template, tokenise with left padding, preprocess the images."""
+
+    @abstractmethod
+    def _visual_tokens(self, encoded: Encoded, plan: Plan, sequence: TokenSequence,
+                       traces: list[TokenTrace]) -> VisualBlock:
+        """Run the vision encoder and the pre-LLM sites; return LLM-space visual tokens."""
+
+    @abstractmethod
+    def _decoder(self) -> Decoder:
+        """The stock language-model modules."""
