@@ -1,0 +1,319 @@
+"""The real benchmarks of the token-compression papers, as LLaVA-1.5 evaluates them.
+
+Each class reads the lmms-lab copy of the benchmark on the Hugging Face hub (or a local copy with
+the same schema, ``--data-dir``), builds LLaVA-1.5's prompt (the adapter adds the chat template)
+and scores with the benchmark's official rule:
+
+============== ========================== ===================== =====================================
+task           hub id (subset / split)    primary metric        official rule reproduced
+============== ========================== ===================== =====================================
+pope           lmms-lab/POPE (test)       f1 (mean of 3 splits) POPE acc/precision/recall/F1/yes-ratio
+mme            lmms-lab/MME (test)        total (P + C, /2800)  MME acc + acc+ per subtask, summed
+gqa            lmms-lab/GQA (testdev bal) accuracy              exact match after normalisation
+textvqa        lmms-lab/textvqa (val)     accuracy              VQA accuracy, OCR tokens in prompt
+scienceqa-img  lmms-lab/ScienceQA (IMG)   accuracy              letter accuracy, image questions only
+mmbench        lmms-lab/MMBench (en dev)  accuracy (circular)   CircularEval over index % 1e6 groups
+seedbench      lmms-lab/SEED-Bench (test) accuracy              letter accuracy, image questions only
+vqav2          lmms-lab/VQAv2 (val)       accuracy              VQA accuracy (val, not test-dev)
+vizwiz         lmms-lab/VizWiz-VQA (val)  accuracy              VQA accuracy incl. "unanswerable"
+============== ========================== ===================== =====================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from PIL import Image
+from tokenbench.tasks.base import Sample
+from tokenbench.tasks.choice import LETTERS, choice_prompt, extract_choice
+from tokenbench.tasks.hub import SampleError, load_split, open_image, without_decoding
+from tokenbench.tasks.hub_task import SHORT_ANSWER, HubTask, broken_sample, column_arrow
+from tokenbench.tasks.mme import mme_metrics
+from tokenbench.tasks.mme import read_yes_no as read_mme_answer
+from tokenbench.tasks.pope import pope_metrics
+from tokenbench.tasks.pope import read_yes_no as read_pope_answer
+from tokenbench.tasks.vqa_scoring import gqa_match, most_common_answer, normalize_answer, vqa_accuracy
+
+import tokenbench
+
+Records = Sequence[Mapping[str, Any]]
+
+
+def _mean_percent(values: Sequence[float]) -> float:
+    return 100.0 * sum(values) / len(values) if values else 0.0
+
+
+class Pope(HubTask):
+    name = "pope"
+    primary_metric = "f1"
+    metric_scale = 100.0
+    max_new_tokens = 8
+    hub_id = source = "lmms-lab/POPE"
+    split = "test"
+    required = ("question", "answer", "category")
+    description = ("POPE object hallucination, COCO random/popular/adversarial splits (9000 yes/no "
+                   "questions); F1 in percent averaged over the three splits")
+
+    def sample_id(self, index: int, row: dict[str, Any]) -> str:
+        return f"{row.get('category')}-{super().sample_id(index, row)}"
+
+    def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
+        return Sample(sample_id, f"{row['question'].strip()}\n{SHORT_ANSWER}", image,
+                      row["answer"].strip().lower(), {"split": row["category"]})
+
+    def score(self, sample: Sample, prediction: str) -> dict[str, Any]:
+        read = read_pope_answer(prediction)
+        return {"prediction": read, "answer": sample.target, "correct": float(read == sample.target)}
+
+    def aggregate(self, records: Records) -> dict[str, float]:
+        return pope_metrics((r["meta"]["split"], r["scores"]["prediction"], r["scores"]["answer"])
+                            for r in records)
+
+
+class MME(HubTask):
+    name = "mme"
+    primary_metric = "total"
+    metric_scale = 2800.0
+    max_new_tokens = 8
+    hub_id = source = "lmms-lab/MME"
+    split = "test"
+    required = ("question", "answer", "category", "question_id")
+    description = ("MME, all 14 subtasks (2374 yes/no questions, two per image); total = perception "
+                   "(/2000) + cognition (/800), each subtask scored acc + acc+")
+
+    def sample_id(self, index: int, row: dict[str, Any]) -> str:
+        return f"{super().sample_id(index, row)}#{index}"  # question_id names the image: two rows each
+
+    def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
+        # LLaVA-1.5 swaps MME's " Please answer yes or no." for its short-answer instruction.
+        question = row["question"].strip().replace(" Please answer yes or no.", "")
+        return Sample(sample_id, f"{question}\n{SHORT_ANSWER}", image, row["answer"].strip().lower(),
+                      {"category": row["category"], "image": row["question_id"]})
+
+    def score(self, sample: Sample, prediction: str) -> dict[str, Any]:
+        read = read_mme_answer(prediction)
+        return {"prediction": read, "correct": float(read == sample.target)}
+
+    def aggregate(self, records: Records) -> dict[str, float]:
+        return mme_metrics((r["meta"]["category"], r["meta"]["image"], r["scores"]["correct"] == 1.0)
+                           for r in records)
+
+
+class GQA(HubTask):
+    name = "gqa"
+    max_new_tokens = 16
+    hub_id = source = "lmms-lab/GQA"
+    config = "testdev_balanced_instructions"
+    images_config: ClassVar[str] = "testdev_balanced_images"
+    split = "testdev"
+    required = ("question", "answer", "imageId")
+    image_column = None
+    id_column = "id"
+    description = "GQA test-dev balanced (12578 questions); exact match after normalisation, percent"
+
+    def rows(self) -> Any:
+        self._images = without_decoding(load_split(self.name, self.hub_id, self.images_config, self.split,
+                                                   self.data_dir))
+        self.check_columns(self._images, ("id", "image"))
+        self._image_position = {str(key): i for i, key in enumerate(column_arrow(self._images, "id").to_pylist())}
+        return super().rows()
+
+    def image_loader(self, row: dict[str, Any], label: str) -> Callable[[], Image.Image]:
+        image_id = str(row["imageId"])
+        where = f"{label} field 'imageId'"
+
+        def load() -> Image.Image:
+            if image_id not in self._image_position:
+                raise SampleError(f"{where}: image '{image_id}' is not in {self.hub_id}/{self.images_config}")
+            return open_image(self._images[self._image_position[image_id]]["image"], where)
+        return load
+
+    def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
+        return Sample(sample_id, f"{row['question'].strip()}\n{SHORT_ANSWER}", image, row["answer"])
+
+    def score(self, sample: Sample, prediction: str) -> dict[str, Any]:
+        return {"correct": float(gqa_match(prediction, sample.target))}
+
+    def aggregate(self, records: Records) -> dict[str, float]:
+        return {"accuracy": _mean_percent([r["scores"]["correct"] for r in records])}
+
+
+def _answer_texts(answers: Sequence[Any]) -> list[str]:
+    """Human answers as strings (VQAv2 stores ``{"answer": ..., ...}`` dicts)."""
+    return [a["answer"] if isinstance(a, Mapping) else str(a) for a in answers]
+
+
+class _VQATask(HubTask):
+    """Open-ended questions with ten human answers, scored by VQA accuracy."""
+
+    max_new_tokens = 16
+    required = ("question", "answers")
+
+    def prompt(self, row: dict[str, Any]) -> str:
+        return f"{row['question'].strip()}\n{SHORT_ANSWER}"
+
+    def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
+        return Sample(sample_id, self.prompt(row), image, _answer_texts(row["answers"]))
+
+    def score(self, sample: Sample, prediction: str) -> dict[str, Any]:
+        return {"accuracy": vqa_accuracy(prediction, sample.target)}
+
+    def aggregate(self, records: Records) -> dict[str, float]:
+        return {"accuracy": _mean_percent([r["scores"]["accuracy"] for r in records])}
+
+    def reference_prediction(self, sample: Sample) -> str:
+        return most_common_answer(sample.target)
+
+
+class TextVQA(_VQATask):
+    name = "textvqa"
+    hub_id = source = "lmms-lab/textvqa"
+    split = "validation"
+    description = ("TextVQA validation (5000 questions) with LLaVA-1.5's 'Reference OCR token' prompt; "
+                   "VQA accuracy, percent")
+
+    def prompt(self, row: dict[str, Any]) -> str:
+        tokens = row.get("ocr_tokens") or []
+        ocr = f"\nReference OCR token: {', '.join(tokens)}" if tokens else ""
+        return f"{row['question'].strip()}{ocr}\n{SHORT_ANSWER}"
+
+
+class VQAv2(_VQATask):
+    name = "vqav2"
+    hub_id = source = "lmms-lab/VQAv2"
+    split = "validation"
+    description = ("VQAv2 validation (214k questions; papers report test-dev, scored by the EvalAI "
+                   "server, so expect ~1 point apart; use --limit for a subset); VQA accuracy, percent")
+
+
+class VizWiz(_VQATask):
+    name = "vizwiz"
+    hub_id = source = "lmms-lab/VizWiz-VQA"
+    split = "val"
+    description = ("VizWiz-VQA validation (4319 questions, many unanswerable); VQA accuracy, percent, "
+                   "with the unanswerable / answerable parts")
+
+    def prompt(self, row: dict[str, Any]) -> str:
+        return (f"{row['question'].strip()}\nWhen the provided information is insufficient, respond with "
+                f"'Unanswerable'.\n{SHORT_ANSWER}")
+
+    def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
+        sample = super().make_sample(sample_id, row, image)
+        sample.meta["unanswerable"] = normalize_answer(most_common_answer(sample.target)) == "unanswerable"
+        return sample
+
+    def aggregate(self, records: Records) -> dict[str, float]:
+        result = super().aggregate(records)
+        for label, wanted in (("unanswerable", True), ("answerable", False)):
+            part = [r["scores"]["accuracy"] for r in records if r["meta"].get("unanswerable") == wanted]
+            if part:
+                result[f"{label}_accuracy"] = _mean_percent(part)
+        return result
+
+
+class _ChoiceTask(HubTask):
+    """Multiple-choice questions answered with an option letter; ``meta["options"]`` holds them."""
+
+    max_new_tokens = 16
+
+    def options(self, row: dict[str, Any]) -> dict[str, str]:
+        raise NotImplementedError
+
+    def score(self, sample: Sample, prediction: str) -> dict[str, Any]:
+        choice = extract_choice(prediction, sample.meta["options"])
+        return {"choice": choice, "answer": sample.target, "correct": float(choice == sample.target)}
+
+    def aggregate(self, records: Records) -> dict[str, float]:
+        return {"accuracy": _mean_percent([r["scores"]["correct"] for r in records])}
+
+
+class ScienceQAImg(_ChoiceTask):
+    name = "scienceqa-img"
+    hub_id = source = "lmms-lab/ScienceQA"
+    config = "ScienceQA-IMG"
+    split = "test"
+    required = ("question", "choices", "answer")
+    id_column = None
+    description = "ScienceQA test, questions with an image (2017); option-letter accuracy, percent"
+
+    def select(self, rows: Any) -> Any:
+        with_image = column_arrow(rows, "image").is_valid().to_pylist()
+        return rows.select([i for i, present in enumerate(with_image) if present])
+
+    def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
+        options = dict(zip(LETTERS, row["choices"]))
+        context = f"Context: {row['hint'].strip()}" if (row.get("hint") or "").strip() else None
+        answer = int(row["answer"])
+        if not 0 <= answer < len(options):
+            return broken_sample(sample_id, f"task '{self.name}' row id {sample_id}: field 'answer' = {answer} "
+                                            f"is not an option index (0..{len(options) - 1})")
+        return Sample(sample_id, choice_prompt(row["question"].strip(), options, context), image,
+                      LETTERS[answer], {"options": options})
+
+
+def _is_option(value: Any) -> bool:
+    return value is not None and str(value).strip() not in ("", "nan")
+
+
+class MMBench(_ChoiceTask):
+    name = "mmbench"
+    hub_id = source = "lmms-lab/MMBench"
+    config = "en"
+    split = "dev"
+    required = ("question", "answer", "A", "B")
+    id_column = "index"
+    circular_stride: ClassVar[int] = 1_000_000
+    description = ("MMBench English dev (4329 rows); accuracy with CircularEval: a question counts only "
+                   "if all its option-rotated copies (index mod 1e6) are right; single_pass_accuracy per row")
+
+    def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
+        options = {letter: str(row[letter]).strip() for letter in "ABCDE" if _is_option(row.get(letter))}
+        hint = row.get("hint")
+        context = str(hint).strip() if _is_option(hint) else None
+        group = int(row["index"]) % self.circular_stride if row.get("index") is not None else sample_id
+        return Sample(sample_id, choice_prompt(row["question"].strip(), options, context), image,
+                      str(row["answer"]).strip(), {"options": options, "circular_group": group,
+                                                   "category": row.get("category")})
+
+    def aggregate(self, records: Records) -> dict[str, float]:
+        groups: dict[Any, bool] = {}
+        for r in records:
+            key = r["meta"].get("circular_group", r["sample_id"])
+            groups[key] = groups.get(key, True) and r["scores"]["correct"] == 1.0
+        return {"accuracy": _mean_percent([float(ok) for ok in groups.values()]),
+                "single_pass_accuracy": super().aggregate(records)["accuracy"]}
+
+
+class SEEDBench(_ChoiceTask):
+    name = "seedbench"
+    hub_id = source = "lmms-lab/SEED-Bench"
+    split = "test"
+    required = ("question", "answer", "choice_a", "choice_b", "choice_c", "choice_d")
+    description = "SEED-Bench image part (14k questions, 9 dimensions); option-letter accuracy, percent"
+
+    def select(self, rows: Any) -> Any:
+        if "data_type" not in rows.column_names:
+            return rows
+        kinds = column_arrow(rows, "data_type").to_pylist()
+        return rows.select([i for i, kind in enumerate(kinds) if kind == "image"])
+
+    def image_loader(self, row: dict[str, Any], label: str) -> Callable[[], Image.Image]:
+        cell = row.get("image")  # a list of frames; the image part has exactly one
+        first = (cell[0] if cell else None) if isinstance(cell, list) else cell
+        return lambda: open_image(first, f"{label} field 'image'")
+
+    def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
+        options = {letter: str(row[f"choice_{letter.lower()}"]).strip() for letter in "ABCD"}
+        return Sample(sample_id, choice_prompt(row["question"].strip(), options), image,
+                      str(row["answer"]).strip(), {"options": options,
+                                                   "dimension": row.get("question_type_id")})
+
+
+BENCHMARKS = (Pope, MME, GQA, TextVQA, ScienceQAImg, MMBench, SEEDBench, VQAv2, VizWiz)
+
+
+@tokenbench.hookimpl
+def register_tasks(register: Callable[[type], None]) -> None:
+    for task in BENCHMARKS:
+        register(task)

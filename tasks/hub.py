@@ -1,0 +1,151 @@
+"""Reading a benchmark's rows: from the Hugging Face hub, or from a local copy with the same schema.
+
+A local copy (``data_dir``) is either a directory written by ``Dataset.save_to_disk`` or a
+directory of parquet files laid out like the hub repository (what ``huggingface-cli download
+<hub id> --repo-type dataset --local-dir DIR`` produces): ``DIR/<config>/<split>-*.parquet`` or
+``DIR/data/<split>-*.parquet``. Both routes end in the same ``datasets.Dataset``, so everything
+after loading is one code path.
+
+Offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) is honoured by ``datasets`` itself; when
+it is off, the hub endpoint is probed with a short timeout first so that a machine without network
+fails at once instead of spending half a minute in retries.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlparse
+
+from PIL import Image
+from tokenbench.tasks.base import TaskDataError
+
+PROBE_TIMEOUT_S = 3.0
+
+
+class SampleError(ValueError):
+    """One row of a benchmark is unusable (a field is missing, the image does not decode).
+
+    Raised lazily, when the sample's image is loaded, so the harness records it for that sample
+    and goes on with the others."""
+
+
+def require_datasets(task: str) -> ModuleType:
+    """The ``datasets`` package, or a one-line error saying how to install it."""
+    try:
+        import datasets
+    except ImportError:
+        raise TaskDataError(f"task '{task}' needs the 'datasets' package: pip install 'tokenbench[data]'") \
+            from None
+    return datasets
+
+
+def how_to_get(hub_id: str, config: str | None, split: str) -> str:
+    subset = f" (subset '{config}', split '{split}')" if config else f" (split '{split}')"
+    return (f"download the hub dataset {hub_id}{subset} with network access, or pass --data-dir DIR "
+            f"holding its parquet files (huggingface-cli download {hub_id} --repo-type dataset "
+            f"--local-dir DIR)")
+
+
+def load_split(task: str, hub_id: str, config: str | None, split: str,
+               data_dir: Path | None = None) -> Any:
+    """One split of a benchmark as a ``datasets.Dataset``; ``TaskDataError`` when it is missing."""
+    datasets = require_datasets(task)
+    if data_dir is not None:
+        return _load_local(datasets, task, hub_id, config, split, Path(data_dir))
+    if not datasets.config.HF_HUB_OFFLINE:
+        _probe_hub(task, hub_id, config, split)
+    try:
+        return datasets.load_dataset(hub_id, config, split=split)
+    except Exception as exc:  # noqa: BLE001 -- datasets raises many types for "not there"
+        offline = " (offline mode is on and it is not in the local cache)" \
+            if datasets.config.HF_HUB_OFFLINE else ""
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TaskDataError(f"task '{task}': cannot load {hub_id}{offline}: {reason}; "
+                            f"{how_to_get(hub_id, config, split)}") from None
+
+
+def _probe_hub(task: str, hub_id: str, config: str | None, split: str) -> None:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise TaskDataError(f"task '{task}': cannot reach {constants.ENDPOINT} ({exc}); if {hub_id} is "
+                            f"in the local cache set HF_DATASETS_OFFLINE=1, otherwise "
+                            f"{how_to_get(hub_id, config, split)}") from None
+
+
+def _load_local(datasets: ModuleType, task: str, hub_id: str, config: str | None, split: str,
+                root: Path) -> Any:
+    if not root.is_dir():
+        raise TaskDataError(f"task '{task}': data dir '{root}' does not exist; "
+                            f"{how_to_get(hub_id, config, split)}")
+    for candidate in ([root / config] if config else []) + [root]:
+        if (candidate / "state.json").is_file() or (candidate / "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(str(candidate))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise TaskDataError(f"task '{task}': '{candidate}' has no split '{split}' "
+                                        f"(it has {', '.join(loaded)})")
+                return loaded[split]
+            return loaded
+    files = parquet_files(root, config, split)
+    if not files:
+        where = f"{root}/{config}/{split}-*.parquet" if config else f"{root}/data/{split}-*.parquet"
+        raise TaskDataError(f"task '{task}': no parquet files for split '{split}' in '{root}' "
+                            f"(expected {where}); {how_to_get(hub_id, config, split)}")
+    return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+
+
+def parquet_files(root: Path, config: str | None, split: str) -> list[Path]:
+    """The parquet files of ``split``, in the first of the hub-like layouts that has any."""
+    folders = ([root / config] if config else []) + [root / "data", root]
+    for folder in folders:
+        for pattern in (f"{split}-*.parquet", f"{split}.parquet", f"{split}/*.parquet"):
+            found = sorted(folder.glob(pattern))
+            if found:
+                return found
+    return []
+
+
+def without_decoding(dataset: Any) -> Any:
+    """The dataset with its image columns left as ``{"bytes", "path"}``: decoding happens per
+    sample (:func:`open_image`), so one broken image fails one sample, not the whole run."""
+    import datasets
+
+    def undecoded(feature: Any) -> Any:
+        if isinstance(feature, datasets.Image):
+            return datasets.Image(decode=False)
+        if isinstance(feature, datasets.List):
+            return datasets.List(undecoded(feature.feature), length=feature.length)
+        return feature
+
+    features = datasets.Features({name: undecoded(f) for name, f in dataset.features.items()})
+    return dataset if features == dataset.features else dataset.cast(features)
+
+
+def open_image(value: Any, where: str) -> Image.Image:
+    """Decode an image cell (``{"bytes", "path"}``, a path or a PIL image); ``where`` names the
+    task, row and field in the error."""
+    if isinstance(value, Image.Image):
+        return value
+    if not value:
+        raise SampleError(f"{where}: no image")
+    try:
+        if isinstance(value, dict):
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+        else:
+            source = value
+        if not source:
+            raise ValueError("the cell holds neither bytes nor a path")
+        image = Image.open(source)
+        image.load()
+    except Exception as exc:  # noqa: BLE001 -- PIL fails in many ways; each is this one error
+        raise SampleError(f"{where}: the image does not decode ({type(exc).__name__}: {exc})") from None
+    return image
