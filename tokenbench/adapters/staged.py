@@ -124,7 +124,12 @@ class StagedAdapter(VLMAdapter):
         """Generate for one batch (equal visual-token counts) and keep the internals tests check."""
         if any(p.image is None for p in prompts):
             raise AdapterError("every prompt needs an image; text-only prompts are not supported")
-        encoded = self._encode(prompts)
+        return self.run_encoded(self._encode(prompts), compressor=compressor, budget=budget,
+                                max_new_tokens=max_new_tokens, seed=seed)
+
+    def run_encoded(self, encoded: Encoded, *, compressor: TokenCompressor | None = None,
+                    budget: Budget | None = None, max_new_tokens: int = 8, seed: int = 0) -> Run:
+        """:meth:`run` on an already encoded batch (tests extend prompts with generated ids)."""
         plan = self._plan(encoded, compressor, budget, seed)
         traces = [TokenTrace(n_visual=encoded.n_visual, plan=[(str(s.stage), s.layer, k) for s, k in plan.sites],
                              prompt_tokens=int(n)) for n in encoded.attention_mask.sum(dim=1).tolist()]

@@ -1,0 +1,20 @@
+"""Shared pytest fixtures."""
+
+import pytest
+
+
+# --- tiny models (issue 4, adapters): random-weight VLMs built from configs, no downloads --------
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A LLaVA-1.5-shaped checkpoint (576 visual tokens, 4 decoder layers) saved once per session."""
+    from tokenbench.tiny_models import tiny_llava
+
+    return tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory):
+    """A Qwen2-VL checkpoint (8×8 = 64 visual tokens at 224px, 4 decoder layers) saved once per session."""
+    from tokenbench.tiny_models import tiny_qwen2_vl
+
+    return tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
