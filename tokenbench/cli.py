@@ -165,12 +165,17 @@ def models(ctx: click.Context) -> None:
               help="Local copy of benchmark data.")
 @click.option("--efficiency/--no-efficiency", default=True, show_default=True,
               help="Also run the batch-1 timing pass.")
+@click.option("--accuracy/--no-accuracy", default=True, show_default=True,
+              help="Run the accuracy pass; --no-accuracy times the methods only.")
+@click.option("--model-config", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Efficiency only: build the model from an HF config.json with random weights (no "
+                   "checkpoint; implies --no-accuracy), e.g. tokenbench/configs/llava-1.5-7b.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result records as JSON at the end.")
 @click.pass_context
 def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, tasks_text: str,
         limit: int | None, seed: int, output: str, option_assignments: tuple[str, ...], dtype: str,
         attn: str, device: str, batch_size: int, data_dir: str | None, efficiency: bool,
-        as_json: bool) -> None:
+        accuracy: bool, model_config: str | None, as_json: bool) -> None:
     """Run methods x budgets x tasks on a model (plus the uncompressed baseline)."""
     registry = _registry(ctx)
     method_names = parse_method_list(methods_text, registry)
@@ -183,8 +188,22 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         registry.task(name)
     if data_dir is not None and not Path(data_dir).is_dir():
         raise ConfigError(f"--data-dir '{data_dir}' does not exist")
+    if model_config is not None:
+        from tokenbench.random_model import config_model_ref
+
+        if model is not None:
+            raise ConfigError("give either --model or --model-config, not both")
+        if not efficiency:
+            raise ConfigError("--model-config has random weights, so it only times methods; drop "
+                              "--no-efficiency")
+        model_ref = config_model_ref(Path(model_config), registry)
+        accuracy = False
+    else:
+        model_ref = resolve_model(model or default_model(), registry)
+    if not accuracy and not efficiency:
+        raise ConfigError("--no-accuracy with --no-efficiency leaves nothing to run; drop one of them")
     config = RunConfig(
-        model=resolve_model(model or default_model(), registry),
+        model=model_ref,
         methods=[MethodSpec(n, options[n]) for n in method_names], budgets=budget_list, tasks=task_names,
         limit=limit, seed=seed, output=Path(output), dtype=dtype, attn=attn, device=device,
         batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None, efficiency=efficiency,
@@ -193,9 +212,47 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         from tokenbench.runner import run as run_benchmark
     except ImportError:
         raise click.ClickException("the harness is not built yet: 'run' validated its arguments only")
-    records = run_benchmark(config, registry)
+    records = run_benchmark(config, registry, accuracy=accuracy, random_weights=model_config is not None)
     if as_json:
         click.echo(json.dumps(records, indent=2))
+
+
+@cli.group()
+def leaderboard() -> None:
+    """Render and verify the markdown leaderboard built from run JSON files."""
+
+
+@leaderboard.command("build")
+@click.option("--results", "results", multiple=True, type=click.Path(), default=("tokenbench-results",),
+              show_default=True, help="Directory (or run JSON) with results from 'tokenbench run'; repeatable.")
+@click.option("--out", type=click.Path(file_okay=False), default="leaderboard", show_default=True,
+              help="Leaderboard directory: README.md, a PNG plot per model, and results/ (the JSON).")
+def leaderboard_build(results: tuple[str, ...], out: str) -> None:
+    """Copy run JSON into OUT/results and render OUT/README.md and the plots from it."""
+    from tokenbench.leaderboard import LeaderboardError, build
+
+    try:
+        markdown, plots = build([Path(r) for r in results], Path(out))
+    except LeaderboardError as exc:
+        raise ConfigError(str(exc)) from None
+    click.echo(f"wrote {markdown}" + "".join(f", {p}" for p in plots), err=True)
+
+
+@leaderboard.command("check")
+@click.option("--out", type=click.Path(file_okay=False), default="leaderboard", show_default=True,
+              help="Leaderboard directory to verify.")
+def leaderboard_check(out: str) -> None:
+    """Exit 1 when OUT/README.md differs from what OUT/results renders."""
+    from tokenbench.leaderboard import LeaderboardError, check
+
+    try:
+        problem = check(Path(out))
+    except LeaderboardError as exc:
+        raise ConfigError(str(exc)) from None
+    if problem:
+        click.echo(f"tokenbench: {problem}", err=True)
+        sys.exit(1)
+    click.echo(f"{out}: up to date", err=True)
 
 
 def main() -> None:

@@ -1,0 +1,300 @@
+"""Measurements: analytic FLOPs from a token trace, KV-cache bytes, latency, peak memory, and the
+FlashAttention compatibility probe.
+
+FLOPs are computed from :class:`~tokenbench.adapters.base.TokenTrace` (tokens alive per vision block
+and per decoder layer) and :class:`~tokenbench.compressor.Architecture`, so they are exact for what
+actually ran and need no model internals. Two formulas, always named in the output:
+
+``full_flops`` (unit FLOP = 2 × multiply–accumulates) counts every matrix product:
+
+- vision encoder, per block with ``t`` tokens, width ``dv``, MLP width ``mv``: Q, K, V, O projections
+  ``4·t·dv²``, attention ``QKᵀ`` and ``AV`` ``2·t²·dv``, MLP ``2·t·dv·mv`` (MACs);
+- projector, per visual token entering the LLM uncompressed: ``in·hidden + hidden·d``;
+- LLM prefill, per decoder layer with ``n`` tokens, width ``d``, MLP width ``m``, ``h`` query heads,
+  ``g`` key/value heads (head size ``d/h``): Q and O ``2·n·d²``, K and V ``2·n·d·g·d/h`` (GQA-aware),
+  attention ``2·n²·d`` (the full square that SDPA computes, causal mask or not), MLP ``3·n·d·m`` with
+  SwiGLU's gate matrix (``2·n·d·m`` without), plus the LM head ``d·V`` on the last prompt token only;
+- LLM decode, for each of the ``R − 1`` forward steps after the first generated token (the first
+  comes from the prefill logits): per layer ``2d² + 2d·g·d/h + 3dm`` and attention ``2·d·c`` over the
+  ``c`` cached tokens of that layer (pruned layers keep shorter caches), plus the LM head.
+
+Not counted: patch/position embeddings, norms, activations, softmax, rotary embeddings, residual adds,
+token-compression overhead other than probe attention rows (all of them are O(n·d), a fraction of a
+percent here).
+
+``fastv_macs`` (unit MAC) is the FastV paper's per-layer ``4nd² + 2n²d + 2ndm`` over the LLM decoder
+only (it ignores GQA, SwiGLU's third matrix and the LM head); decode follows the paper's variant
+``R(4d² + 2dm) + 2·Σᵢ d(n + i)`` with ``R`` generated tokens. Its ``vision`` entry applies the same
+formula to the vision encoder blocks for reference; its ``prefill`` is the LLM only, as in the papers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from tokenbench.adapters.base import TokenTrace
+from tokenbench.compressor import Architecture
+
+FORMULAS = ("full_flops", "fastv_macs")
+DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
+
+
+def _head_dim(arch: Architecture) -> int:
+    return arch.llm_hidden // arch.llm_heads
+
+
+def _kv_width(arch: Architecture) -> int:
+    return arch.llm_kv_heads * _head_dim(arch)
+
+
+def vision_macs(arch: Architecture, trace: TokenTrace) -> int:
+    """Vision encoder MACs over the blocks that ran (non-gated MLP, as in CLIP and Qwen2-VL's ViT)."""
+    dv, mv = arch.vision_hidden, arch.vision_intermediate
+    return sum(4 * t * dv * dv + 2 * t * t * dv + 2 * t * dv * mv for t in trace.vision)
+
+
+def projector_macs(arch: Architecture, trace: TokenTrace) -> int:
+    per_token = arch.projector_in * arch.projector_hidden + arch.projector_hidden * arch.llm_hidden
+    return trace.n_visual * per_token
+
+
+def llm_prefill_macs(arch: Architecture, trace: TokenTrace) -> int:
+    """Decoder-layer MACs of the prefill (no LM head)."""
+    d, m = arch.llm_hidden, arch.llm_intermediate
+    mlp_mats = 3 if arch.gated_mlp else 2
+    proj = 2 * d * d + 2 * d * _kv_width(arch)
+    return sum(n * proj + 2 * n * n * d + mlp_mats * n * d * m for n in trace.llm_total)
+
+
+def decode_steps(trace: TokenTrace) -> int:
+    """Forward passes after the prefill: the first generated token comes from the prefill logits."""
+    return max(trace.generated_tokens - 1, 0)
+
+
+def llm_decode_macs(arch: Architecture, trace: TokenTrace) -> int:
+    """Decoder-layer MACs of the decode steps, each attending over its layer's growing cache."""
+    d, m = arch.llm_hidden, arch.llm_intermediate
+    mlp_mats = 3 if arch.gated_mlp else 2
+    steps = decode_steps(trace)
+    per_step = 2 * d * d + 2 * d * _kv_width(arch) + mlp_mats * d * m
+    # step i (1..steps) attends over n + i cached positions of its layer
+    attention = sum(2 * d * (steps * n + steps * (steps + 1) // 2) for n in trace.llm_total)
+    return steps * per_step * len(trace.llm_total) + attention
+
+
+def probe_macs(arch: Architecture, trace: TokenTrace) -> int:
+    """Attention-probe rows computed beside the fused kernel: ``QKᵀ`` for those rows over the
+    prompt (an upper bound: each row is charged the full prompt length)."""
+    context = max(trace.llm_total, default=0)
+    return trace.probe_rows * context * arch.llm_hidden
+
+
+def full_flops(arch: Architecture, trace: TokenTrace) -> dict[str, Any]:
+    vision = 2 * vision_macs(arch, trace)
+    projector = 2 * projector_macs(arch, trace)
+    llm_prefill = 2 * llm_prefill_macs(arch, trace)
+    lm_head = 2 * arch.llm_hidden * arch.vocab_size
+    probe = 2 * probe_macs(arch, trace)
+    decode = 2 * llm_decode_macs(arch, trace) + decode_steps(trace) * lm_head
+    return {"formula": "full_flops", "unit": "FLOP",
+            "prefill": vision + projector + llm_prefill + lm_head + probe, "decode": decode,
+            "vision": vision, "projector": projector, "llm_prefill": llm_prefill, "lm_head": lm_head,
+            "probe": probe}
+
+
+def fastv_macs(arch: Architecture, trace: TokenTrace) -> dict[str, Any]:
+    d, m = arch.llm_hidden, arch.llm_intermediate
+    prefill = sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in trace.llm_total)
+    r = trace.generated_tokens
+    decode = sum(r * (4 * d * d + 2 * d * m) + 2 * d * (r * n + r * (r + 1) // 2) for n in trace.llm_total)
+    dv, mv = arch.vision_hidden, arch.vision_intermediate
+    vision = sum(4 * t * dv * dv + 2 * t * t * dv + 2 * t * dv * mv for t in trace.vision)
+    return {"formula": "fastv_macs", "unit": "MAC", "prefill": prefill, "decode": decode, "vision": vision}
+
+
+def flops_from_trace(arch: Architecture, trace: TokenTrace) -> dict[str, Any]:
+    """Both formulas for one sample: ``full_flops`` at the top level, ``fastv_macs`` nested."""
+    return full_flops(arch, trace) | {"fastv_macs": fastv_macs(arch, trace)}
+
+
+def mean_flops(per_sample: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per-sample FLOPs averaged over samples (numeric fields only; names kept)."""
+    if not per_sample:
+        return None
+
+    def average(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items[0].items():
+            if isinstance(value, dict):
+                out[key] = average([item[key] for item in items])
+            elif isinstance(value, (int, float)):
+                out[key] = sum(item[key] for item in items) / len(items)
+            else:
+                out[key] = value
+        return out
+
+    return average(per_sample)
+
+
+def kv_cache_bytes(arch: Architecture, trace: TokenTrace, dtype: torch.dtype, *, after_decode: bool = False) -> int:
+    """Bytes of the K and V caches: Σ_layers length × 2 × kv_heads × head_dim × dtype bytes, after
+    the prefill (or, with ``after_decode``, once every generated token is cached)."""
+    extra = decode_steps(trace) if after_decode else 0
+    per_position = 2 * _kv_width(arch) * DTYPE_BYTES.get(dtype, 4)
+    return sum((n + extra) * per_position for n in trace.llm_total)
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+@dataclass
+class Timer:
+    """Wall-clock of a block: CUDA events on a GPU (synchronised), ``perf_counter`` on CPU."""
+
+    device: torch.device
+    elapsed_ms: float = 0.0
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            torch.cuda.synchronize(self.device)
+            self.elapsed_ms = start.elapsed_time(end)
+        else:
+            begin = time.perf_counter()
+            yield
+            self.elapsed_ms = (time.perf_counter() - begin) * 1000.0
+
+
+def summarise_latency(runs: Sequence[dict[str, float]], generated: Sequence[int]) -> dict[str, float]:
+    """Medians over repeated runs: vision, prefill, time to first token (vision + prefill), decode
+    per token (decode time / decode steps), end to end; plus the number of timed runs."""
+    def median(values: Sequence[float]) -> float:
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    per_token = [r.get("decode", 0.0) / max(g - 1, 1) for r, g in zip(runs, generated)]
+    return {"vision": median([r.get("vision", 0.0) for r in runs]),
+            "prefill": median([r.get("prefill", 0.0) for r in runs]),
+            "ttft": median([r.get("vision", 0.0) + r.get("prefill", 0.0) for r in runs]),
+            "decode_per_token": median(per_token),
+            "end_to_end": median([r["end_to_end"] for r in runs]),
+            "repeats": len(runs)}
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+class PeakMemory:
+    """Peak memory of a block, in bytes above what was in use when it started.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak (tensor memory only).
+    On CPU: the process's resident-set high-water mark (``VmHWM``), reset through
+    ``/proc/self/clear_refs`` (Linux), minus the resident set at the start. It counts everything the
+    process touched (allocator caches included), so it is an upper bound on tensor memory; ``None``
+    where the kernel does not allow the reset.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes: int | None = None
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - base
+            return
+        resettable = _reset_rss_peak()
+        base = _proc_status_kb("VmRSS")
+        yield
+        peak = _proc_status_kb("VmHWM")
+        self.peak_bytes = (peak - base) * 1024 if resettable and peak is not None and base is not None else None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------------ flash attention
+
+def classify_flash_attention(trace: TokenTrace) -> str:
+    """``eager`` when a full attention map was materialised, ``probe`` when only query rows were
+    computed beside the fused kernel, else ``native``."""
+    if trace.eager_attention_calls > 0:
+        return "eager"
+    if trace.probe_rows > 0:
+        return "probe"
+    return "native"
+
+
+def flash_sdpa_probe(generate: Callable[[], Sequence[Any]], arch: Architecture) -> dict[str, Any]:
+    """Run ``generate`` (one sample, batch 1) with SDPA forced onto its FlashAttention kernel and
+    report the class measured from the trace: ``native`` / ``probe`` (with probe rows, their analytic
+    FLOPs and the adapter's probe time when it reports one) / ``eager`` / ``fails`` (with the error)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            generation = generate()[0]
+    except Exception as exc:  # any failure under the forced kernel is the finding
+        return {"class": "fails", "backend": "sdpa:flash", "error": f"{type(exc).__name__}: {exc}"}
+    trace = generation.trace
+    result: dict[str, Any] = {"class": classify_flash_attention(trace), "backend": "sdpa:flash",
+                              "eager_attention_calls": trace.eager_attention_calls,
+                              "probe_rows": trace.probe_rows}
+    if trace.probe_rows:
+        result["probe_flops"] = 2 * probe_macs(arch, trace)
+        result["probe_ms"] = generation.timings_ms.get("probe", time_probe_rows(arch, trace))
+    return result
+
+
+def time_probe_rows(arch: Architecture, trace: TokenTrace, repeats: int = 5) -> float:
+    """Measured cost (ms, median of ``repeats``) of what a probe adds beside the fused kernel:
+    ``softmax(q·Kᵀ)`` for the trace's probe rows over the prompt, all heads, then the head mean.
+    Used when the adapter does not time its probe itself."""
+    heads, head_dim = arch.llm_heads, _head_dim(arch)
+    context = max(trace.llm_total, default=1)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, trace.probe_rows, head_dim, generator=generator)
+    k = torch.randn(1, heads, context, head_dim, generator=generator)
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        torch.softmax(q @ k.transpose(-1, -2) / head_dim ** 0.5, dim=-1).mean(dim=1)
+        times.append((time.perf_counter() - begin) * 1000.0)
+    return sorted(times)[len(times) // 2]
+
+
+def flash_attn_available() -> bool:
+    """Whether the ``flash-attn`` package is importable (then ``flash_attention_2`` is tried too)."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()

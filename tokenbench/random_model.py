@@ -1,0 +1,107 @@
+"""Efficiency-only models: an HF ``config.json`` instantiated with random weights (no checkpoint).
+
+Timings, memory and FLOPs depend on the model's shapes, not its weights, so ``tokenbench run
+--model-config tokenbench/configs/llava-1.5-7b.json`` can time LLaVA-1.5-7B-shaped prefill without
+downloading 14 GB. The weights are created directly on the target device in the target dtype. The
+processor is built offline: the family's stock image processor with the config's image size and a
+small word-level tokenizer (from :mod:`tokenbench.tiny_models`) whose image placeholder ids are
+written back into the config, so prompts expand to exactly as many visual tokens as the real model's.
+Answers are meaningless (random weights), so this mode never scores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenbench.adapters.base import VLMAdapter
+from tokenbench.config import ConfigError
+from tokenbench.models import ModelRef
+from tokenbench.plugins import Registry
+from tokenbench.tiny_models import (DEFAULT_WORDS, LLAVA_IMAGE_TOKEN, QWEN_SPECIAL, simple_chat_template,
+                                    word_level_tokenizer)
+
+SUPPORTED = ("llava", "qwen2_vl")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--model-config '{path}' does not exist; give an HF config.json, e.g. "
+                          f"tokenbench/configs/llava-1.5-7b.json")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--model-config '{path}' is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or config.get("model_type") not in SUPPORTED:
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise ConfigError(f"--model-config '{path}' has model_type {found!r}; supported: {', '.join(SUPPORTED)}")
+    return config
+
+
+def config_model_ref(path: Path, registry: Registry) -> ModelRef:
+    """A :class:`ModelRef` for ``--model-config`` (checked before anything loads)."""
+    config = read_config(path)
+    try:
+        registry.adapter_for(config["model_type"])
+    except LookupError:
+        raise ConfigError(f"no adapter handles model_type '{config['model_type']}' of '{path}'") from None
+    name = config.get("_name_or_path") or path.stem
+    return ModelRef(f"{Path(str(name)).name} (random weights)", str(path), config["model_type"])
+
+
+def random_weight_adapter(path: Path, registry: Registry, *, dtype: torch.dtype, attn: str,
+                          device: torch.device) -> VLMAdapter:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    raw = read_config(path)
+    processor, token_ids = _processor(raw)
+    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "_name_or_path"})
+    for key, value in token_ids.items():
+        setattr(config, key, value)
+    config._attn_implementation = attn
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn)
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return registry.adapter_for(raw["model_type"])(model.eval(), processor)
+
+
+def _processor(raw: dict[str, Any]) -> tuple[Any, dict[str, int]]:
+    if raw["model_type"] == "llava":
+        from transformers import CLIPImageProcessor, LlavaProcessor
+
+        vision = raw["vision_config"]
+        size, patch = vision.get("image_size", 336), vision.get("patch_size", 14)
+        tokenizer = word_level_tokenizer(DEFAULT_WORDS, special_tokens=[LLAVA_IMAGE_TOKEN],
+                                         chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN),
+                                         extra_attributes={"image_token": LLAVA_IMAGE_TOKEN})
+        processor = LlavaProcessor(
+            image_processor=CLIPImageProcessor(size={"shortest_edge": size},
+                                               crop_size={"height": size, "width": size}),
+            tokenizer=tokenizer, patch_size=patch,
+            vision_feature_select_strategy=raw.get("vision_feature_select_strategy", "default"),
+            num_additional_image_tokens=1, chat_template=tokenizer.chat_template)
+        return processor, {"image_token_id": tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                           "pad_token_id": tokenizer.pad_token_id}
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    tokenizer = word_level_tokenizer(DEFAULT_WORDS, special_tokens=QWEN_SPECIAL,
+                                     chat_template=simple_chat_template(
+                                         "<|vision_start|><|image_pad|><|vision_end|>"),
+                                     extra_attributes={"image_token": "<|image_pad|>",
+                                                       "video_token": "<|video_pad|>",
+                                                       "vision_start_token": "<|vision_start|>",
+                                                       "vision_end_token": "<|vision_end|>"})
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                 chat_template=tokenizer.chat_template)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    return processor, {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+                       "vision_start_token_id": ids["<|vision_start|>"],
+                       "vision_end_token_id": ids["<|vision_end|>"], "pad_token_id": tokenizer.pad_token_id}

@@ -1,0 +1,225 @@
+"""Result records: schema version, provenance, the per-sample JSONL store and the run JSON files.
+
+An output directory holds
+
+- ``manifest.json``: the schema version and the arguments that produced the directory; a run with
+  other arguments or another schema refuses to write there (never a silent overwrite);
+- ``samples.jsonl``: one line per finished sample (accuracy pass) or per finished efficiency
+  measurement, each with a ``key`` hashed from everything that determines its output; a rerun skips
+  every key already there, so nothing finished is recomputed;
+- ``runs/<model>__<task>__<method>__<budget>.json``: one public run record each (see README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+import tokenbench
+from tokenbench.config import ConfigError
+
+SCHEMA_VERSION = 1
+PUBLIC_FIELDS = ("schema_version", "model", "task", "method", "budget", "score", "metrics", "relative",
+                 "realised_tokens", "realised_ratio", "flops", "latency_ms", "peak_memory_bytes",
+                 "flash_attention", "n_samples", "n_errors", "provenance")
+
+
+class OutputDirError(ConfigError):
+    """The output directory belongs to another run; the message says how to proceed."""
+
+
+def record_key(**fields: Any) -> str:
+    """A stable hash of everything that determines one record's output."""
+    payload = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+def git_sha() -> str | None:
+    """The commit of the tokenbench checkout (editable installs), else None."""
+    root = Path(tokenbench.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_fingerprint(device: torch.device) -> str:
+    """What latency depends on: device model, thread count (CPU) or CUDA version (GPU), torch."""
+    parts = [device.type, device_name(device), torch.__version__]
+    if device.type == "cuda":
+        parts.append(str(torch.version.cuda))
+    else:
+        parts.append(f"threads={torch.get_num_threads()}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def provenance(*, device: torch.device, dtype: str, attn: str, seed: int, options: dict[str, Any],
+               model_location: str) -> dict[str, Any]:
+    import transformers
+
+    return {"tokenbench": tokenbench.__version__, "git_sha": git_sha(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "device": device_name(device), "device_type": device.type,
+            "hardware": hardware_fingerprint(device),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "dtype": dtype, "attention_backend": attn, "seed": seed, "options": options,
+            "model_location": model_location}
+
+
+# ---------------------------------------------------------------------------------------- JSONL store
+
+class SampleStore:
+    """Append-only JSONL of finished records, keyed by ``record["key"]``.
+
+    Every line is flushed and fsync'ed as it is written, so a kill loses at most the record in
+    flight. On opening, a torn last line (killed mid-write) is cut off with a warning on stderr and
+    its sample is recomputed; malformed lines elsewhere are skipped the same way.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        self.dropped = 0
+        self._load()
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            self.dropped += 1
+            with open(self.path, "r+b") as handle:
+                handle.truncate(complete)
+        for line in data[:complete].decode("utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                self.records[record["key"]] = record
+            except (json.JSONDecodeError, KeyError, TypeError):
+                self.dropped += 1
+        if self.dropped:
+            print(f"tokenbench: warning: {self.path}: {self.dropped} incomplete record(s) dropped; "
+                  f"those samples are recomputed", file=sys.stderr)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.records.get(key)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self.records[record["key"]] = record
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> SampleStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------ output directory
+
+def claim_output_dir(directory: Path, arguments: dict[str, Any]) -> None:
+    """Create ``directory`` for a run with ``arguments`` or check that it already belongs to one with
+    the same arguments and schema; raise :class:`OutputDirError` otherwise."""
+    manifest_path = directory / "manifest.json"
+    manifest = {"schema_version": SCHEMA_VERSION, "arguments": arguments}
+    if directory.exists() and not directory.is_dir():
+        raise OutputDirError(f"--output '{directory}' is a file; give a directory")
+    if manifest_path.exists():
+        try:
+            existing = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            existing = {}
+        how = f"use another --output or delete '{directory}'"
+        if existing.get("schema_version") != SCHEMA_VERSION:
+            raise OutputDirError(f"--output '{directory}' holds results of schema version "
+                                 f"{existing.get('schema_version')}, this tokenbench writes "
+                                 f"{SCHEMA_VERSION}; {how}")
+        old = existing.get("arguments", {})
+        if old != arguments:
+            changed = sorted(k for k in set(old) | set(arguments) if old.get(k) != arguments.get(k))
+            detail = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(arguments.get(k))}" for k in changed[:3])
+            raise OutputDirError(f"--output '{directory}' holds results of a run with other arguments "
+                                 f"({detail}); {how}")
+        return
+    if directory.is_dir() and any(directory.iterdir()):
+        raise OutputDirError(f"--output '{directory}' is not empty and is not a tokenbench results "
+                             f"directory; use another --output or delete '{directory}'")
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -------------------------------------------------------------------------------------- run records
+
+def run_file_name(model: str, task: str, method: str, budget: str | None) -> str:
+    parts = [model, task, method, budget if budget is not None else "full"]
+    return "__".join(re.sub(r"[^A-Za-z0-9.+-]", "_", p.replace("%", "pct")) for p in parts) + ".json"
+
+
+def write_run_record(directory: Path, record: dict[str, Any]) -> Path:
+    path = directory / "runs" / run_file_name(record["model"], record["task"], record["method"],
+                                              record["budget"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def is_run_record(data: Any) -> bool:
+    return isinstance(data, dict) and all(k in data for k in ("schema_version", "model", "task", "method"))
+
+
+def load_run_records(paths: Iterable[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every run record under ``paths`` (files or directories, searched recursively)."""
+    for root in paths:
+        files = [root] if root.is_file() else sorted(root.rglob("*.json"))
+        for path in files:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if is_run_record(data):
+                yield path, data

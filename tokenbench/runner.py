@@ -1,0 +1,378 @@
+"""The harness: every task × (uncompressed baseline + method × budget) on one model.
+
+For each arm it runs an **accuracy pass** (batched where the adapter allows the method; every
+finished sample is appended to ``samples.jsonl`` at once, keyed by what determines its output, so a
+rerun resumes and a kill loses at most the batch in flight), then a **FlashAttention probe** (one
+sample under the forced flash SDPA kernel) and, unless disabled, an **efficiency pass** (batch 1,
+one warm-up, ``EFFICIENCY_REPEATS`` timed runs over ``EFFICIENCY_SAMPLES`` samples). Finally it
+writes one run JSON per (model, task, method, budget) with statistics against the baseline.
+
+Faults stay local: a sample whose image fails to decode, whose prompt exceeds the model's context,
+or on which the method raises gets a record with the error and the run goes on; a budget the method
+cannot meet (``Infeasible``) gives a run record with the reason.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+
+import tokenbench
+from tokenbench.adapters.base import Generation, Prompt, TokenTrace, VLMAdapter
+from tokenbench.budget import Budget
+from tokenbench.compressor import Infeasible, TokenCompressor
+from tokenbench.config import ConfigError, MethodSpec, RunConfig
+from tokenbench.measure import (PeakMemory, Timer, flash_attn_available, flash_sdpa_probe, flops_from_trace,
+                                kv_cache_bytes, mean_flops, summarise_latency)
+from tokenbench.plugins import Registry
+from tokenbench.results import (SCHEMA_VERSION, SampleStore, claim_output_dir, provenance, record_key,
+                                write_run_record)
+from tokenbench.stats import compare
+from tokenbench.tasks.base import Sample, Task
+
+BASELINE = "none"
+EFFICIENCY_SAMPLES = 3
+EFFICIENCY_REPEATS = 3
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One method at one budget (the baseline has no budget)."""
+
+    spec: MethodSpec
+    budget: Budget | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.name}@{self.budget.label}" if self.budget else self.spec.name
+
+
+def arms(config: RunConfig) -> list[Arm]:
+    """The baseline first, then every method × budget (``none`` in --methods is the baseline)."""
+    out = [Arm(MethodSpec(BASELINE), None)]
+    out += [Arm(spec, budget) for spec in config.methods if spec.name != BASELINE for budget in config.budgets]
+    return out
+
+
+def run_arguments(config: RunConfig, accuracy: bool = True) -> dict[str, Any]:
+    """What identifies a run's output directory (batch size and --json do not change results)."""
+    return {"accuracy": accuracy, "model": config.model.name, "model_location": config.model.location,
+            "methods": [{"name": m.name, "options": m.options} for m in config.methods],
+            "budgets": [b.label for b in config.budgets], "tasks": list(config.tasks),
+            "limit": config.limit, "seed": config.seed, "dtype": config.dtype, "attn": config.attn,
+            "device": config.device, "data_dir": str(config.data_dir) if config.data_dir else None,
+            "efficiency": config.efficiency, "tokenbench": tokenbench.__version__}
+
+
+def load_adapter(config: RunConfig, registry: Registry, random_weights: bool = False) -> VLMAdapter:
+    """The adapter for ``config.model``: from its checkpoint, or with random weights from a config."""
+    model_type = config.model.model_type
+    dtype, device = DTYPES[config.dtype], torch.device(config.device)
+    if random_weights:
+        from tokenbench.random_model import random_weight_adapter
+
+        return random_weight_adapter(Path(config.model.location), registry, dtype=dtype, attn=config.attn,
+                                     device=device)
+    if model_type is None:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(config.model.location).model_type
+    cls = registry.adapter_for(model_type)
+    return cls.load(config.model.location, dtype=dtype, attn=config.attn, device=device)
+
+
+def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
+        random_weights: bool = False) -> list[dict[str, Any]]:
+    """Run everything ``config`` asks for; return the public run records (also written as JSON).
+
+    ``accuracy=False`` skips the accuracy pass (scores are null; FLOPs and tokens come from the
+    efficiency samples); ``random_weights`` builds ``config.model`` (an HF config.json) with random
+    weights, for timing model shapes without a checkpoint."""
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {config.device}: CUDA is not available here; use --device cpu")
+    claim_output_dir(config.output, run_arguments(config, accuracy) | {"random_weights": random_weights})
+    adapter = load_adapter(config, registry, random_weights)
+    harness = Harness(config, registry, adapter, accuracy=accuracy)
+    records: list[dict[str, Any]] = []
+    with SampleStore(config.output / "samples.jsonl") as store:
+        harness.store = store
+        for task_name in config.tasks:
+            records += harness.run_task(task_name)
+    return records
+
+
+class Harness:
+    """The passes of one run over one loaded adapter."""
+
+    def __init__(self, config: RunConfig, registry: Registry, adapter: VLMAdapter, *,
+                 accuracy: bool = True) -> None:
+        self.config, self.registry, self.adapter = config, registry, adapter
+        self.accuracy = accuracy
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.store: SampleStore
+        text_config = adapter.model.config.get_text_config() if hasattr(adapter.model, "config") else None
+        self.max_context: int | None = getattr(text_config, "max_position_embeddings", None)
+        self.arch = adapter.info().arch
+
+    # ------------------------------------------------------------------------------------- keys
+    def _key(self, kind: str, task: Task, arm: Arm, sample_id: str | None = None) -> str:
+        return record_key(kind=kind, model=self.config.model.location, task=task.name, sample=sample_id,
+                          method=arm.spec.name, options=arm.spec.options,
+                          budget=arm.budget.label if arm.budget else None, seed=self.config.seed,
+                          dtype=self.config.dtype, attn=self.config.attn, version=tokenbench.__version__,
+                          max_new_tokens=task.max_new_tokens)
+
+    # ------------------------------------------------------------------------------------- task
+    def run_task(self, task_name: str) -> list[dict[str, Any]]:
+        task: Task = self.registry.task(task_name)(self.config.data_dir)
+        samples = list(task.samples(self.config.limit))
+        per_arm: dict[Arm, list[dict[str, Any]]] = {}
+        infeasible: dict[Arm, str] = {}
+        for arm in arms(self.config):
+            compressor = self._compressor(arm)
+            reason = self._infeasible(compressor, arm)
+            if reason:
+                infeasible[arm] = reason
+                print(f"tokenbench: {arm.label}: infeasible: {reason}", file=sys.stderr)
+                continue
+            per_arm[arm] = self.accuracy_pass(task, samples, arm, compressor) if self.accuracy else []
+        baseline_arm = arms(self.config)[0]
+        out = []
+        for arm in arms(self.config):
+            if arm in infeasible:
+                record = self._infeasible_record(task, arm, infeasible[arm])
+            else:
+                compressor = self._compressor(arm)
+                efficiency = self.efficiency_pass(task, samples, per_arm[arm], arm, compressor)
+                record = self._run_record(task, arm, per_arm[arm], per_arm.get(baseline_arm, []), efficiency)
+            write_run_record(self.config.output, record)
+            out.append(record)
+        return out
+
+    def _compressor(self, arm: Arm) -> TokenCompressor | None:
+        return None if arm.budget is None else arm.spec.build(self.registry)
+
+    def _infeasible(self, compressor: TokenCompressor | None, arm: Arm) -> str | None:
+        """The method's own verdict on this budget for the model's default image (checked again
+        per sample by the adapter for dynamic-resolution models)."""
+        if compressor is None or arm.budget is None:
+            return None
+        info = self.adapter.info()
+        try:
+            compressor.schedule(info.n_visual, arm.budget.target(info.n_visual), info)
+        except Infeasible as exc:
+            return str(exc)
+        return None
+
+    # ----------------------------------------------------------------------------- accuracy pass
+    def accuracy_pass(self, task: Task, samples: Sequence[Sample], arm: Arm,
+                      compressor: TokenCompressor | None) -> list[dict[str, Any]]:
+        keys = [self._key("sample", task, arm, s.id) for s in samples]
+        todo = [(s, k) for s, k in zip(samples, keys) if k not in self.store]
+        batch = self.config.batch_size if self.adapter.batchable(compressor) else 1
+        with tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"{task.name} {arm.label}",
+                  unit="sample", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+            for chunk in _chunks(todo, batch):
+                for record in self._run_batch(task, arm, compressor, chunk):
+                    self.store.append(record)
+                bar.update(len(chunk))
+        return [self.store.get(k) for k in keys]  # type: ignore[misc]
+
+    def _run_batch(self, task: Task, arm: Arm, compressor: TokenCompressor | None,
+                   chunk: Sequence[tuple[Sample, str]]) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        ready: list[tuple[Sample, str, Prompt]] = []
+        for sample, key in chunk:
+            try:
+                ready.append((sample, key, Prompt(sample.load_image(), sample.prompt)))
+            except Exception as exc:  # a broken image fails its sample only
+                records.append(self._error_record(task, arm, sample, key, f"image: {_describe(exc)}"))
+        if not ready:
+            return records
+        try:
+            generations = self._generate([p for _, _, p in ready], compressor, arm, task)
+        except Exception as exc:
+            if len(ready) == 1:
+                sample, key, _ = ready[0]
+                return records + [self._error_record(task, arm, sample, key, _describe(exc))]
+            # isolate the failing sample(s): retry one by one
+            for sample, key, _ in ready:
+                records += self._run_batch(task, arm, compressor, [(sample, key)])
+            return records
+        for (sample, key, _), generation in zip(ready, generations):
+            records.append(self._sample_record(task, arm, sample, key, generation))
+        return records
+
+    def _generate(self, prompts: Sequence[Prompt], compressor: TokenCompressor | None, arm: Arm,
+                  task: Task) -> list[Generation]:
+        with torch.inference_mode():
+            return self.adapter.generate(prompts, compressor=compressor, budget=arm.budget,
+                                         max_new_tokens=task.max_new_tokens, seed=self.config.seed)
+
+    def _base_record(self, task: Task, arm: Arm, sample: Sample, key: str) -> dict[str, Any]:
+        return {"key": key, "kind": "sample", "model": self.config.model.name, "task": task.name,
+                "method": arm.spec.name, "options": arm.spec.options,
+                "budget": arm.budget.label if arm.budget else None, "sample_id": sample.id,
+                "meta": sample.meta}
+
+    def _error_record(self, task: Task, arm: Arm, sample: Sample, key: str, error: str) -> dict[str, Any]:
+        return self._base_record(task, arm, sample, key) | {"prediction": None, "scores": None,
+                                                             "error": error}
+
+    def _sample_record(self, task: Task, arm: Arm, sample: Sample, key: str,
+                       generation: Generation) -> dict[str, Any]:
+        trace = generation.trace
+        if self.max_context is not None and trace.prompt_tokens > self.max_context:
+            return self._error_record(task, arm, sample, key,
+                                      f"context: the prompt has {trace.prompt_tokens} tokens, more than "
+                                      f"the model's context of {self.max_context}")
+        try:
+            scores = task.score(sample, generation.text)
+        except Exception as exc:
+            return self._error_record(task, arm, sample, key, f"score: {_describe(exc)}")
+        return self._base_record(task, arm, sample, key) | {
+            "prediction": generation.text, "scores": scores, "error": None, "trace": trace.to_dict(),
+            "flops": flops_from_trace(self.arch, trace),
+            "kv_cache_bytes": kv_cache_bytes(self.arch, trace, self.dtype),
+            "timings_ms": generation.timings_ms}
+
+    # --------------------------------------------------------------------------- efficiency pass
+    def efficiency_pass(self, task: Task, samples: Sequence[Sample], records: Sequence[dict[str, Any]],
+                        arm: Arm, compressor: TokenCompressor | None) -> dict[str, Any]:
+        """FlashAttention probe (always) and, with --efficiency, batch-1 timings and peak memory
+        over the first few samples that succeeded in the accuracy pass (stored, so resumable)."""
+        key = self._key("efficiency" if self.config.efficiency else "flash", task, arm)
+        if key in self.store:
+            return self.store.get(key)  # type: ignore[return-value]
+        ok = [s for s, r in zip(samples, records) if not r.get("error")] if self.accuracy else list(samples)
+        ok = ok[:EFFICIENCY_SAMPLES]
+        result: dict[str, Any] = {"key": key, "kind": "efficiency", "task": task.name,
+                                  "method": arm.spec.name, "budget": arm.budget.label if arm.budget else None,
+                                  "flash_attention": None, "latency_ms": None, "peak_memory_bytes": None}
+        if ok:
+            prompts = [Prompt(s.load_image(), s.prompt) for s in ok]
+            result["flash_attention"] = self._flash_attention(prompts[0], compressor, arm, task)
+            if self.config.efficiency:
+                try:
+                    result |= self._time(prompts, compressor, arm, task)
+                except Exception as exc:  # recorded; the accuracy results stand
+                    result["error"] = _describe(exc)
+        self.store.append(result)
+        return result
+
+    def _flash_attention(self, prompt: Prompt, compressor: TokenCompressor | None, arm: Arm,
+                         task: Task) -> dict[str, Any]:
+        result = flash_sdpa_probe(lambda: self._generate([prompt], compressor, arm, task), self.arch)
+        result["declared"] = compressor.flash_attention if compressor is not None else "native"
+        if flash_attn_available() and self.device.type == "cuda":
+            result["flash_attention_2"] = self._flash_attention_2(prompt, compressor, arm, task)
+        return result
+
+    def _flash_attention_2(self, prompt: Prompt, compressor: TokenCompressor | None, arm: Arm,
+                           task: Task) -> dict[str, Any]:
+        """One sample with the model loaded under ``attn_implementation="flash_attention_2"``."""
+        try:
+            if not hasattr(self, "_fa2_adapter"):
+                cls = type(self.adapter)
+                self._fa2_adapter = cls.load(self.config.model.location, dtype=self.dtype,
+                                             attn="flash_attention_2", device=self.device)
+            with torch.inference_mode():
+                generation = self._fa2_adapter.generate([prompt], compressor=compressor, budget=arm.budget,
+                                                        max_new_tokens=task.max_new_tokens,
+                                                        seed=self.config.seed)[0]
+        except Exception as exc:
+            return {"class": "fails", "error": _describe(exc)}
+        from tokenbench.measure import classify_flash_attention
+
+        return {"class": classify_flash_attention(generation.trace),
+                "probe_rows": generation.trace.probe_rows}
+
+    def _time(self, prompts: Sequence[Prompt], compressor: TokenCompressor | None, arm: Arm,
+              task: Task) -> dict[str, Any]:
+        self._generate(prompts[:1], compressor, arm, task)  # warm-up
+        runs: list[dict[str, float]] = []
+        generated: list[int] = []
+        peaks: list[int] = []
+        traces: list[TokenTrace] = []
+        for _ in range(EFFICIENCY_REPEATS):
+            for prompt in prompts:
+                timer, memory = Timer(self.device), PeakMemory(self.device)
+                with memory.measure(), timer.measure():
+                    generation = self._generate([prompt], compressor, arm, task)[0]
+                runs.append(dict(generation.timings_ms) | {"end_to_end": timer.elapsed_ms})
+                generated.append(generation.trace.generated_tokens)
+                traces.append(generation.trace)
+                if memory.peak_bytes is not None:
+                    peaks.append(memory.peak_bytes)
+        flops = [flops_from_trace(self.arch, t) for t in traces[:len(prompts)]]
+        realised = [t.realised_tokens for t in traces[:len(prompts)]]
+        return {"latency_ms": summarise_latency(runs, generated), "flops": mean_flops(flops),
+                "realised_tokens": sum(realised) / len(realised),
+                "n_visual": sum(t.n_visual for t in traces[:len(prompts)]) / len(prompts),
+                "kv_cache_bytes": sum(kv_cache_bytes(self.arch, t, self.dtype) for t in traces[:len(prompts)])
+                / len(prompts),
+                "peak_memory_bytes": max(peaks) if peaks else None,
+                "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "rss_high_water"}
+
+    # ------------------------------------------------------------------------------ run records
+    def _common(self, task: Task, arm: Arm) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "model": self.config.model.name, "task": task.name,
+                "method": arm.spec.name, "budget": arm.budget.label if arm.budget else None,
+                "stages": self._stages(arm),
+                "primary_metric": task.primary_metric, "metric_scale": task.metric_scale,
+                "provenance": provenance(device=self.device, dtype=self.config.dtype, attn=self.config.attn,
+                                         seed=self.config.seed, options=arm.spec.options,
+                                         model_location=self.config.model.location)}
+
+    def _stages(self, arm: Arm) -> list[str]:
+        return [] if arm.budget is None else [str(s) for s in self.registry.compressor(arm.spec.name).stages]
+
+    def _infeasible_record(self, task: Task, arm: Arm, reason: str) -> dict[str, Any]:
+        return self._common(task, arm) | {
+            "score": None, "metrics": {}, "relative": None, "relative_ci": None, "agreement": None,
+            "realised_tokens": None, "realised_ratio": None, "flops": None, "latency_ms": None,
+            "peak_memory_bytes": None, "flash_attention": None, "kv_cache_bytes": None,
+            "n_samples": 0, "n_errors": 0, "infeasible": reason, "errors": {}}
+
+    def _run_record(self, task: Task, arm: Arm, records: Sequence[dict[str, Any]],
+                    baseline: Sequence[dict[str, Any]], efficiency: dict[str, Any]) -> dict[str, Any]:
+        ok = [r for r in records if not r.get("error")]
+        metrics = task.aggregate(ok) if ok else {}
+        score = metrics.get(task.primary_metric)
+        stats = compare(records, baseline, task.aggregate, task.primary_metric, seed=self.config.seed)
+        traces = [r["trace"] for r in ok]
+        realised = sum(t["realised_tokens"] for t in traces) / len(traces) if traces else \
+            efficiency.get("realised_tokens")
+        n_visual = sum(t["n_visual"] for t in traces) / len(traces) if traces else efficiency.get("n_visual")
+        errors: dict[str, int] = {}
+        for r in records:
+            if r.get("error"):
+                kind = r["error"].split(":", 1)[0]
+                errors[kind] = errors.get(kind, 0) + 1
+        return self._common(task, arm) | {
+            "score": score, "metrics": metrics, **stats,
+            "realised_tokens": realised, "realised_ratio": realised / n_visual if realised and n_visual else None,
+            "n_visual": n_visual, "flops": mean_flops([r["flops"] for r in ok]) or efficiency.get("flops"),
+            "kv_cache_bytes": (sum(r["kv_cache_bytes"] for r in ok) / len(ok)) if ok else
+            efficiency.get("kv_cache_bytes"),
+            "latency_ms": efficiency.get("latency_ms"), "peak_memory_bytes": efficiency.get("peak_memory_bytes"),
+            "peak_memory_kind": efficiency.get("peak_memory_kind"),
+            "flash_attention": efficiency.get("flash_attention"),
+            "n_samples": len(records), "n_errors": len(records) - len(ok), "errors": errors,
+            "infeasible": None}
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]

@@ -1,0 +1,76 @@
+"""Statistics against the uncompressed baseline on the same samples.
+
+- relative score: the method's primary metric as a percentage of the baseline's, both aggregated by
+  the task over the samples that succeeded in both runs;
+- paired bootstrap: resample those samples with replacement (seeded), re-aggregate both runs on the
+  same resample, and take the percentile interval of the relative score;
+- agreement: the fraction of those samples where both runs gave the same (normalised) answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+Aggregate = Callable[[Sequence[Mapping[str, Any]]], Mapping[str, float]]
+
+
+def _normalise(text: str | None) -> str:
+    return " ".join((text or "").lower().replace(".", " ").split())
+
+
+def paired(method: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]]
+           ) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """The records of both runs on the samples that succeeded in both, in the same order."""
+    ok_base = {r["sample_id"]: r for r in baseline if not r.get("error")}
+    pairs = [(r, ok_base[r["sample_id"]]) for r in method if not r.get("error") and r["sample_id"] in ok_base]
+    return [m for m, _ in pairs], [b for _, b in pairs]
+
+
+def relative_score(method_score: float | None, baseline_score: float | None) -> float | None:
+    if method_score is None or baseline_score is None or baseline_score == 0:
+        return None
+    return 100.0 * method_score / baseline_score
+
+
+def agreement(method: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]]) -> float | None:
+    """Fraction of paired samples with the same normalised answer."""
+    if not method:
+        return None
+    same = sum(_normalise(m.get("prediction")) == _normalise(b.get("prediction"))
+               for m, b in zip(method, baseline))
+    return same / len(method)
+
+
+def bootstrap_relative(method: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]],
+                       aggregate: Aggregate, metric: str, *, seed: int, resamples: int = 1000,
+                       level: float = 0.95) -> list[float] | None:
+    """Percentile interval of the relative score under a paired bootstrap over samples."""
+    n = len(method)
+    if n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for draw in rng.integers(0, n, size=(resamples, n)):
+        rel = relative_score(aggregate([method[i] for i in draw]).get(metric),
+                             aggregate([baseline[i] for i in draw]).get(metric))
+        if rel is not None:
+            values.append(rel)
+    if not values:
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return [float(low), float(high)]
+
+
+def compare(method: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]],
+            aggregate: Aggregate, metric: str, *, seed: int, resamples: int = 1000) -> dict[str, Any]:
+    """Relative score, its paired bootstrap CI and agreement on the shared successful samples."""
+    m, b = paired(method, baseline)
+    if not m:
+        return {"relative": None, "relative_ci": None, "agreement": None, "n_paired": 0}
+    rel = relative_score(aggregate(m).get(metric), aggregate(b).get(metric))
+    return {"relative": rel,
+            "relative_ci": bootstrap_relative(m, b, aggregate, metric, seed=seed, resamples=resamples),
+            "agreement": agreement(m, b), "n_paired": len(m)}
