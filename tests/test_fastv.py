@@ -91,3 +91,77 @@ def test_flash_attention_class_follows_the_score_option():
 def test_unknown_option_is_rejected():
     with pytest.raises(ValidationError):
         FastV(k=3)
+
+
+# --- through the adapters, on tiny models -------------------------------------------------------
+
+class RecordingFastV(FastV):
+    """FastV that keeps the attention rows it was given (test only)."""
+
+    seen: list[torch.Tensor] = []
+
+    def reduce(self, x: SiteInput):
+        RecordingFastV.seen.append(x.attention.clone())
+        return super().reduce(x)
+
+
+def test_probe_scores_equal_the_eager_attention_row_of_the_same_layer():
+    from tiny_vlm import llava_adapter, prompts
+
+    from tokenbench import Budget
+
+    adapter = llava_adapter("eager")
+    RecordingFastV.seen = []
+    adapter.generate(prompts(), compressor=RecordingFastV(), budget=Budget.parse("128"),
+                     max_new_tokens=1)
+    encoded = adapter._encode(prompts())
+    with torch.inference_mode():
+        out = adapter.model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask,
+                            output_attentions=True, **encoded.image_inputs)
+    k_layer = adapter.info().scale_layer(2)
+    image = (encoded.input_ids[0] == encoded.image_token_id).nonzero().squeeze(1)
+    eager_row = out.attentions[k_layer - 1].mean(dim=1)[:, -1, image]  # layer K-1, last query
+    assert len(RecordingFastV.seen) == 1
+    assert torch.allclose(RecordingFastV.seen[0][:, 0], eager_row, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", ["192", "128", "64"])
+def test_llava_end_to_end_under_the_flash_backend(budget):
+    from tiny_vlm import llava_adapter, prompts
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tokenbench import Budget
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        generations = llava_adapter().generate(prompts(2), compressor=FastV(),
+                                               budget=Budget.parse(budget), max_new_tokens=2)
+    for generation in generations:
+        trace = generation.trace
+        assert abs(trace.realised_tokens - int(budget)) <= 1
+        assert trace.llm_visual[:2] == [576, 576] and trace.eager_attention_calls == 0
+        assert trace.probe_rows == 1
+
+
+def test_all_queries_option_is_counted_as_eager_attention():
+    from tiny_vlm import llava_adapter, prompts
+
+    from tokenbench import Budget
+
+    trace = llava_adapter().generate(prompts(), compressor=FastV(score="all_queries"),
+                                     budget=Budget.parse("128"), max_new_tokens=1)[0].trace
+    assert trace.eager_attention_calls >= 1 and abs(trace.realised_tokens - 128) <= 1
+
+
+@pytest.mark.parametrize("budget", ["33.3%", "22.2%", "11.1%"])
+def test_qwen2_vl_end_to_end_at_ratio_budgets(budget):
+    from tiny_vlm import prompts, qwen_adapter
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tokenbench import Budget
+
+    adapter = qwen_adapter()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        trace = adapter.generate(prompts(), compressor=FastV(), budget=Budget.parse(budget),
+                                 max_new_tokens=2)[0].trace
+    target = Budget.parse(budget).target(trace.n_visual)
+    assert abs(trace.realised_tokens - target) <= 1 and trace.eager_attention_calls == 0

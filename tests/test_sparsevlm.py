@@ -163,3 +163,53 @@ def test_flash_attention_class_and_positions():
     method = SparseVLM()
     assert method.flash_attention == "probe" and method.attention_queries == "text"
     assert method.needs == frozenset({"attention", "text"}) and method.positions == "contiguous"
+
+
+# --- through the adapters, on tiny models -------------------------------------------------------
+
+def generate_trace(adapter, method, budget: str):
+    from tiny_vlm import prompts
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tokenbench import Budget
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return adapter.generate(prompts(), compressor=method, budget=Budget.parse(budget),
+                                max_new_tokens=2)[0].trace
+
+
+@pytest.mark.parametrize("budget", ["192", "128", "64"])
+def test_llava_end_to_end_under_the_flash_backend(budget):
+    from tiny_vlm import llava_adapter
+
+    method = SparseVLM()
+    trace = generate_trace(llava_adapter(), method, budget)
+    assert abs(trace.realised_tokens - int(budget)) <= 1  # recycled tokens included
+    plan = method.schedule(576, int(budget), llava_adapter().info())
+    extra = method.planned_extra(576, plan)
+    for site, keep in plan:
+        assert trace.llm_visual[site.layer] == keep + extra[site]
+    assert trace.eager_attention_calls == 0 and trace.probe_rows > 0
+
+
+@pytest.mark.parametrize("budget", ["33.3%", "22.2%", "11.1%"])
+def test_qwen2_vl_end_to_end_at_ratio_budgets(budget):
+    from tiny_vlm import qwen_adapter
+
+    from tokenbench import Budget
+
+    adapter = qwen_adapter()
+    try:
+        trace = generate_trace(adapter, SparseVLM(), budget)
+    except Infeasible as exc:
+        assert "cannot go below" in str(exc)
+        return
+    target = Budget.parse(budget).target(trace.n_visual)
+    assert abs(trace.realised_tokens - target) <= 1 and trace.eager_attention_calls == 0
+
+
+def test_v1_runs_through_the_adapter_with_a_data_dependent_count():
+    from tiny_vlm import llava_adapter
+
+    trace = generate_trace(llava_adapter(), SparseVLM(version="v1", rank_lambda=0.8, rank_bias=0), "64")
+    assert trace.llm_visual[0] == 576 and trace.llm_visual[-1] < 576

@@ -160,3 +160,44 @@ def test_flash_attention_classes_and_proportional_attention():
     assert ToMe().flash_attention == "native" and ToMe.needs == frozenset({"keys"})
     assert ToMe.proportional_attention
     assert ToMePre().flash_attention == "native" and not ToMePre.needs
+
+
+# --- through the adapters, on tiny models -------------------------------------------------------
+
+def generate_trace(adapter, method, budget: str):
+    from tiny_vlm import prompts
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tokenbench import Budget
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return adapter.generate(prompts(), compressor=method, budget=Budget.parse(budget),
+                                max_new_tokens=2)[0].trace
+
+
+@pytest.mark.parametrize("budget", ["192", "128", "64"])
+@pytest.mark.parametrize("method", [ToMe, ToMePre])
+def test_llava_end_to_end_under_the_flash_backend(method, budget):
+    from tiny_vlm import llava_adapter
+
+    trace = generate_trace(llava_adapter(), method(), budget)
+    assert trace.llm_visual == [int(budget)] * 32 and trace.realised_tokens == int(budget)
+    assert trace.eager_attention_calls == 0 and trace.probe_rows == 0
+    if method is ToMe:  # merged inside the encoder: each block sees fewer tokens (CLS included)
+        assert trace.vision[0] == 577 and trace.vision[-1] < trace.vision[1] < 577
+        assert all(later >= earlier - (earlier - 1) // 2
+                   for earlier, later in zip(trace.vision, trace.vision[1:]))
+
+
+@pytest.mark.parametrize("budget", ["33.3%", "22.2%", "11.1%"])
+def test_qwen2_vl_end_to_end_at_ratio_budgets(budget):
+    from tiny_vlm import qwen_adapter
+
+    from tokenbench import Budget
+
+    adapter = qwen_adapter()
+    with pytest.raises(Infeasible, match="tome-pre"):
+        generate_trace(adapter, ToMe(), budget)
+    trace = generate_trace(adapter, ToMePre(), budget)
+    target = Budget.parse(budget).target(trace.n_visual)
+    assert abs(trace.realised_tokens - target) <= 1 and trace.eager_attention_calls == 0
