@@ -62,6 +62,7 @@ class TokenSequence:
     valid: torch.Tensor  # [B, S] bool, False on left padding
     visual_start: torch.Tensor  # [B] long
     block: VisualBlock  # origin / sizes of the visual span (tokens = current features)
+    text_embeds: torch.Tensor | None = None  # [B, S, D] input embeddings, aligned (text signal)
 
     @property
     def n_visual(self) -> int:
@@ -72,11 +73,11 @@ class TokenSequence:
         return self.visual_start[:, None] + torch.arange(self.n_visual, device=self.hidden.device)
 
     def text_after_image(self) -> torch.Tensor:
-        """The hidden states of the text that follows the image (one row; see ``batchable``)."""
-        if self.hidden.shape[0] != 1:
+        """Input embeddings of the text that follows the image (one row; see ``batchable``)."""
+        if self.hidden.shape[0] != 1 or self.text_embeds is None:
             raise AdapterError("text signals need batch size 1; the harness batches such methods by one")
         start = int(self.visual_start[0]) + self.n_visual
-        return self.hidden[:, start:]
+        return self.text_embeds[:, start:]
 
 
 def splice(seq: TokenSequence, applied: Applied, policy: str) -> TokenSequence:
@@ -109,7 +110,10 @@ def splice(seq: TokenSequence, applied: Applied, policy: str) -> TokenSequence:
         positions = seq.positions.gather(2, source.expand(3, -1, -1))
     else:
         positions = seq.positions.gather(1, source)
-    return TokenSequence(new_hidden, positions, valid, seq.visual_start, applied.block)
+    text_embeds = None
+    if seq.text_embeds is not None:  # the text never moves relative to the sequence's end
+        text_embeds = seq.text_embeds.gather(1, text_source.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return TokenSequence(new_hidden, positions, valid, seq.visual_start, applied.block, text_embeds)
 
 
 def contiguous_positions(valid: torch.Tensor) -> torch.Tensor:

@@ -173,8 +173,9 @@ class StagedAdapter(VLMAdapter):
         start = is_image.int().argmax(dim=1)
         positions = encoded.positions if encoded.positions is not None else contiguous_positions(mask)
         hidden = decoder.embed(ids)
-        block = VisualBlock.fresh(hidden[:, :encoded.n_visual])
-        return TokenSequence(hidden, positions, mask, start, block)
+        block = VisualBlock.fresh(hidden.gather(1, (start[:, None] + torch.arange(
+            encoded.n_visual, device=ids.device)).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+        return TokenSequence(hidden, positions, mask, start, block, text_embeds=hidden)
 
     def _generations(self, tokens: torch.Tensor, traces: list[TokenTrace],
                      timings: dict[str, float]) -> list[Generation]:
