@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from PIL import Image
 from tokenbench.tasks.base import Sample
 from tokenbench.tasks.choice import LETTERS, choice_prompt, extract_choice
-from tokenbench.tasks.hub import SampleError, load_split, open_image, without_decoding
+from tokenbench.tasks.hub import SampleError, load_split, open_image, raw_row
 from tokenbench.tasks.hub_task import SHORT_ANSWER, HubTask, broken_sample, column_arrow
 from tokenbench.tasks.mme import mme_metrics
 from tokenbench.tasks.mme import read_yes_no as read_mme_answer
@@ -113,8 +113,7 @@ class GQA(HubTask):
     description = "GQA test-dev balanced (12578 questions); exact match after normalisation, percent"
 
     def rows(self) -> Any:
-        self._images = without_decoding(load_split(self.name, self.hub_id, self.images_config, self.split,
-                                                   self.data_dir))
+        self._images = load_split(self.name, self.hub_id, self.images_config, self.split, self.data_dir)
         self.check_columns(self._images, ("id", "image"))
         self._image_position = {str(key): i for i, key in enumerate(column_arrow(self._images, "id").to_pylist())}
         return super().rows()
@@ -126,7 +125,7 @@ class GQA(HubTask):
         def load() -> Image.Image:
             if image_id not in self._image_position:
                 raise SampleError(f"{where}: image '{image_id}' is not in {self.hub_id}/{self.images_config}")
-            return open_image(self._images[self._image_position[image_id]]["image"], where)
+            return open_image(raw_row(self._images, self._image_position[image_id])["image"], where)
         return load
 
     def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:

@@ -4,7 +4,7 @@ A local copy (``data_dir``) is either a directory written by ``Dataset.save_to_d
 directory of parquet files laid out like the hub repository (what ``huggingface-cli download
 <hub id> --repo-type dataset --local-dir DIR`` produces): ``DIR/<config>/<split>-*.parquet`` or
 ``DIR/data/<split>-*.parquet``. Both routes end in the same ``datasets.Dataset``, so everything
-after loading is one code path.
+after loading is one code path; rows are read without decoding images (:func:`raw_rows`).
 
 Offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) is honoured by ``datasets`` itself; when
 it is off, the hub endpoint is probed with a short timeout first so that a machine without network
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -114,20 +115,24 @@ def parquet_files(root: Path, config: str | None, split: str) -> list[Path]:
     return []
 
 
-def without_decoding(dataset: Any) -> Any:
-    """The dataset with its image columns left as ``{"bytes", "path"}``: decoding happens per
-    sample (:func:`open_image`), so one broken image fails one sample, not the whole run."""
+def raw_rows(rows: Any, batch_size: int = 64) -> Iterator[dict[str, Any]]:
+    """The rows as plain dicts with nothing decoded: image cells stay ``{"bytes", "path"}`` (also
+    inside lists), so one broken image fails one sample (:func:`open_image`), not the whole run.
+    Class-label columns come back as their names."""
     import datasets
 
-    def undecoded(feature: Any) -> Any:
-        if isinstance(feature, datasets.Image):
-            return datasets.Image(decode=False)
-        if isinstance(feature, datasets.List):
-            return datasets.List(undecoded(feature.feature), length=feature.length)
-        return feature
+    labels = {name: f for name, f in rows.features.items() if isinstance(f, datasets.ClassLabel)}
+    for batch in rows.with_format("arrow").iter(batch_size=batch_size):
+        for row in batch.to_pylist():
+            for name, feature in labels.items():
+                if row.get(name) is not None:
+                    row[name] = feature.int2str(row[name])
+            yield row
 
-    features = datasets.Features({name: undecoded(f) for name, f in dataset.features.items()})
-    return dataset if features == dataset.features else dataset.cast(features)
+
+def raw_row(rows: Any, index: int) -> dict[str, Any]:
+    """Row ``index``, as :func:`raw_rows` gives it."""
+    return next(raw_rows(rows.select([index]), batch_size=1))
 
 
 def open_image(value: Any, where: str) -> Image.Image:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 from tokenbench.tasks.base import Sample, Task, TaskDataError
-from tokenbench.tasks.hub import SampleError, load_split, open_image, without_decoding
+from tokenbench.tasks.hub import SampleError, load_split, open_image, raw_rows
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
@@ -29,11 +29,11 @@ class HubTask(Task):
     id_column: ClassVar[str | None] = "question_id"
 
     def rows(self) -> Any:
-        """The evaluated rows (a ``datasets.Dataset``, images not decoded); ``TaskDataError`` when
-        the data are missing or lack a column."""
+        """The evaluated rows (a ``datasets.Dataset``); ``TaskDataError`` when the data are missing
+        or lack a column."""
         rows = load_split(self.name, self.hub_id, self.config, self.split, self.data_dir)
         self.check_columns(rows, self.required + ((self.image_column,) if self.image_column else ()))
-        return self.select(without_decoding(rows))
+        return self.select(rows)
 
     def check_columns(self, rows: Any, columns: tuple[str, ...]) -> None:
         missing = [c for c in columns if c not in rows.column_names]
@@ -49,7 +49,7 @@ class HubTask(Task):
         rows = self.rows()
         if limit is not None:
             rows = rows.select(range(min(limit, len(rows))))
-        for index, row in enumerate(rows):
+        for index, row in enumerate(raw_rows(rows)):
             yield self.sample_from(index, row)
 
     def sample_from(self, index: int, row: dict[str, Any]) -> Sample:
