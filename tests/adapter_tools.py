@@ -30,6 +30,11 @@ def prompts(family: str, batch: int) -> list[Prompt]:
     return [Prompt(image(i, size), texts[i % 2]) for i in range(batch)]
 
 
+def model_dir(request, family: str) -> str:
+    """The session fixture's checkpoint directory for ``family``."""
+    return str(request.getfixturevalue(f"tiny_{family}_dir"))
+
+
 @functools.cache
 def adapter(family: str, path: str, attn: str):
     cls = LlavaAdapter if family == "llava" else Qwen2VLAdapter

@@ -18,3 +18,11 @@ def tiny_qwen2_vl_dir(tmp_path_factory):
     from tokenbench.tiny_models import tiny_qwen2_vl
 
     return tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(tmp_path_factory):
+    """A Qwen2.5-VL checkpoint (windowed vision attention, 64 visual tokens at 224px)."""
+    from tokenbench.tiny_models import tiny_qwen2_vl
+
+    return tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), variant="qwen2_5_vl")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_tools import ALL, Scripted, adapter, prompts, stock_generate
+from adapter_tools import ALL, Scripted, adapter, model_dir, prompts, stock_generate
 
 from tokenbench import Site, Stage
 from tokenbench.plugins import load_registry
@@ -23,11 +23,8 @@ SIGNALS = {  # signals each stage offers (text needs batch 1; added below where 
 }
 CASES = [("llava", None), ("llava", Site(Stage.VISION, 1)), ("llava", Site(Stage.VISION_OUT)),
          ("llava", Site(Stage.PROJECTOR)), ("llava", Site(Stage.LLM, 2)),
-         ("qwen2_vl", None), ("qwen2_vl", Site(Stage.PROJECTOR)), ("qwen2_vl", Site(Stage.LLM, 2))]
-
-
-def _path(request, family: str) -> str:
-    return str(request.getfixturevalue("tiny_llava_dir" if family == "llava" else "tiny_qwen2_vl_dir"))
+         ("qwen2_vl", None), ("qwen2_vl", Site(Stage.PROJECTOR)), ("qwen2_vl", Site(Stage.LLM, 2)),
+         ("qwen2_5_vl", None), ("qwen2_5_vl", Site(Stage.PROJECTOR)), ("qwen2_5_vl", Site(Stage.LLM, 2))]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +35,7 @@ def reference(request):
     def get(family: str, attn: str, batch: int):
         key = (family, attn, batch)
         if key not in cache:
-            a = adapter(family, _path(request, family), attn)
+            a = adapter(family, model_dir(request, family), attn)
             cache[key] = stock_generate(a, prompts(family, batch), STEPS)
         return cache[key]
     return get
@@ -49,7 +46,7 @@ def reference(request):
 @pytest.mark.parametrize("family,site", CASES, ids=lambda v: str(v) if not isinstance(v, Site) else
                          f"{v.stage}{v.layer}")
 def test_keep_all_matches_stock(request, reference, family, site, attn, batch):
-    a = adapter(family, _path(request, family), attn)
+    a = adapter(family, model_dir(request, family), attn)
     compressor = None
     if site is not None:
         needs = SIGNALS[site.stage] | ({"text"} if batch == 1 and site.stage is not Stage.VISION else set())

@@ -6,17 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from adapter_tools import ALL, Scripted, adapter, prompts
+from adapter_tools import ALL, Scripted, adapter, model_dir, prompts
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tokenbench import Budget, Site, Stage
 from tokenbench.adapters.prefill import contiguous_positions
 from tokenbench.methods.baselines import RandomKeep
 from tokenbench.plugins import load_registry
-
-
-def _path(request, family: str) -> str:
-    return str(request.getfixturevalue("tiny_llava_dir" if family == "llava" else "tiny_qwen2_vl_dir"))
 
 
 def _full_positions(a, enc) -> torch.Tensor:
@@ -45,13 +41,13 @@ def _expected_positions(a, enc, origin: torch.Tensor, n_extra: int, policy: str)
 PRUNE = [("llava", Site(Stage.VISION, 1), "original"), ("llava", Site(Stage.VISION_OUT), "original"),
          ("llava", Site(Stage.PROJECTOR), "contiguous"), ("llava", Site(Stage.LLM, 2), "original"),
          ("llava", Site(Stage.LLM, 2), "contiguous"), ("qwen2_vl", Site(Stage.PROJECTOR), "original"),
-         ("qwen2_vl", Site(Stage.LLM, 2), "original")]
+         ("qwen2_vl", Site(Stage.LLM, 2), "original"), ("qwen2_5_vl", Site(Stage.LLM, 1), "contiguous")]
 
 
 @pytest.mark.parametrize("family,site,policy", PRUNE, ids=lambda v: f"{v.stage}{v.layer}" if isinstance(v, Site)
                          else str(v))
 def test_pruning_follows_the_plan_and_position_policy(request, family, site, policy):
-    a = adapter(family, _path(request, family), "sdpa")
+    a = adapter(family, model_dir(request, family), "sdpa")
     batch = prompts(family, 2)
     merge = site.stage is Stage.VISION
     extra = 0 if merge else 2
@@ -69,7 +65,7 @@ def test_pruning_follows_the_plan_and_position_policy(request, family, site, pol
         if merge:
             assert g.trace.vision == [n + 1] * site.layer + [kept + 1] * (a.vision_blocks - site.layer)
     origin = torch.arange(0, n, 2).expand(2, -1)
-    expected = _expected_positions(a, enc, origin, extra, "original" if family == "qwen2_vl" else policy)
+    expected = _expected_positions(a, enc, origin, extra, policy if family == "llava" else "original")
     for layer in range(start, layers):
         assert torch.equal(run.layer_positions[layer], expected)
     for layer in range(start):
@@ -93,10 +89,10 @@ def _extended(enc, tokens: torch.Tensor):
 
 
 @pytest.mark.parametrize("family,policy,batch", [("llava", "original", 2), ("llava", "contiguous", 1),
-                                                 ("qwen2_vl", "original", 2)])
+                                                 ("qwen2_vl", "original", 2), ("qwen2_5_vl", "original", 1)])
 def test_cached_decode_after_llm_pruning_matches_recompute(request, family, policy, batch):
     """Decoding on the per-layer shortened cache equals re-running the pruned prefill without cache."""
-    a = adapter(family, _path(request, family), "sdpa")
+    a = adapter(family, model_dir(request, family), "sdpa")
     enc = a._encode(prompts(family, batch))
     make = lambda: Scripted(Site(Stage.LLM, 2), stride=3, positions=policy,  # noqa: E731
                             needs=frozenset({"attention"}))
@@ -116,10 +112,11 @@ def _stock_attentions(a, enc):
 
 
 @pytest.mark.parametrize("family,queries,batch", [("llava", "last", 2), ("llava", "text", 1), ("llava", "all", 1),
-                                                  ("qwen2_vl", "last", 2), ("qwen2_vl", "text", 1)])
+                                                  ("qwen2_vl", "last", 2), ("qwen2_vl", "text", 1),
+                                                  ("qwen2_5_vl", "last", 2)])
 def test_llm_signals_match_the_stock_eager_attention(request, family, queries, batch):
     """The probe's rows equal the head-mean of the stock eager attention map of the layer before."""
-    a = adapter(family, _path(request, family), "eager")
+    a = adapter(family, model_dir(request, family), "eager")
     batch_prompts = prompts(family, batch)
     needs = frozenset({"attention", "keys"} | ({"text"} if batch == 1 else set()))
     compressor = Scripted(Site(Stage.LLM, 2), needs=needs, queries=queries)
@@ -148,7 +145,7 @@ def test_llm_signals_match_the_stock_eager_attention(request, family, queries, b
 
 
 def test_cls_attention_matches_the_stock_vision_tower(request):
-    a = adapter("llava", _path(request, "llava"), "eager")
+    a = adapter("llava", model_dir(request, "llava"), "eager")
     batch = prompts("llava", 2)
     compressor = Scripted(Site(Stage.VISION_OUT), needs=frozenset({"cls_attention", "keys"}))
     a.run(batch, compressor=compressor, budget=ALL, max_new_tokens=1)
@@ -161,11 +158,11 @@ def test_cls_attention_matches_the_stock_vision_tower(request):
     assert x.keys.shape == (2, 576, a.model.config.vision_config.hidden_size // 2)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
 def test_flash_sdpa_backend_native_and_probe(request, family):
     """Under the flash SDPA backend only, a native method runs with no eager attention anywhere and a
     probe method runs too, its probe rows in the trace."""
-    a = adapter(family, _path(request, family), "sdpa")
+    a = adapter(family, model_dir(request, family), "sdpa")
     batch = prompts(family, 1)
     probe = Scripted(Site(Stage.LLM, 2), stride=2, needs=frozenset({"attention"}))
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -180,7 +177,7 @@ def test_flash_sdpa_backend_native_and_probe(request, family):
 def test_unsupported_stage_is_a_clear_error(request):
     from tokenbench.adapters.base import AdapterError
 
-    a = adapter("qwen2_vl", _path(request, "qwen2_vl"), "sdpa")
+    a = adapter("qwen2_vl", model_dir(request, "qwen2_vl"), "sdpa")
     with pytest.raises(AdapterError, match="does not offer"):
         a.generate(prompts("qwen2_vl", 1), compressor=Scripted(Site(Stage.VISION, 1)), budget=ALL)
 
@@ -194,7 +191,7 @@ def test_end_to_end_methods_at_paper_budgets(request, family, method):
     registry = load_registry()
     if method not in registry.compressors:
         pytest.skip(f"method '{method}' is not registered yet (its plugin: {registry.problems})")
-    a = adapter(family, _path(request, family), "sdpa")
+    a = adapter(family, model_dir(request, family), "sdpa")
     batch = prompts(family, 2)
     for text in BUDGETS[family]:
         budget = Budget.parse(text)

@@ -116,10 +116,11 @@ def tiny_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, v
 
 
 def tiny_qwen2_vl(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, llm_layers: int = 4,
-                  image_size: int = 224, seed: int = 0) -> Path:
-    """A random-weight Qwen2-VL: patch 14, 2×2 spatial merge, so a ``image_size``² image gives an
-    (image_size/28)² grid of visual tokens (8×8 = 64 at 224px); M-RoPE decoder of hidden size 64."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+                  image_size: int = 224, seed: int = 0, variant: str = "qwen2_vl") -> Path:
+    """A random-weight Qwen2-VL (``variant="qwen2_5_vl"``: Qwen2.5-VL): patch 14, 2×2 spatial merge,
+    so a ``image_size``² image gives an (image_size/28)² grid of visual tokens (8×8 = 64 at 224px);
+    M-RoPE decoder of hidden size 64."""
+    import transformers
 
     directory = Path(directory)
     tokenizer = word_level_tokenizer(words, special_tokens=QWEN_SPECIAL, chat_template=_qwen_chat_template(),
@@ -128,28 +129,35 @@ def tiny_qwen2_vl(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS
                                                        "vision_start_token": "<|vision_start|>",
                                                        "vision_end_token": "<|vision_end|>"})
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=llm_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, rope_parameters={"rope_type": "default",
-                                                                        "rope_theta": 10000.0,
-                                                                        "mrope_section": [2, 3, 3]},
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=llm_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    common = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if variant == "qwen2_vl":
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+        vision = dict(common, embed_dim=32, hidden_size=64, mlp_ratio=2)
+    elif variant == "qwen2_5_vl":
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        vision = dict(common, hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=56,
+                      fullatt_block_indexes=[1])
+    else:
+        raise ValueError(f"variant {variant!r} must be 'qwen2_vl' or 'qwen2_5_vl'")
+    config = config_cls(text_config=text, vision_config=vision,
+                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     pixels = image_size * image_size
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels},
-                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=14, merge_size=2, temporal_patch_size=2)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     # Qwen2VLProcessor insists on a video processor, which needs torchvision; save the parts a
     # processor is made of instead (AutoProcessor assembles them where torchvision is present).
     tokenizer.save_pretrained(directory)
     image_processor.save_pretrained(directory)
-    (directory / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    processor_class = "Qwen2VLProcessor" if variant == "qwen2_vl" else "Qwen2_5_VLProcessor"
+    (directory / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}))
     return directory
