@@ -42,9 +42,11 @@ pick them from the budget at reduce time. Read the realised count from the token
 Deviations from the reference code:
 
 - H_v for the raters: the reference uses the layer-0 visual embeddings, computed once. A compressor
-  only sees the site's current hidden states and must stay stateless, so the raters are
-  recomputed at every site from the surviving visual tokens' current hidden states against the
-  text's input embeddings (``SiteInput.text``). Raters can therefore differ between sites.
+  only sees the site's current hidden states and must stay stateless across calls, so the raters
+  are recomputed at every site from the surviving visual tokens' current hidden states and
+  ``SiteInput.text`` (the contract names the text's input embeddings; the staged-prefill adapters
+  hand over the text's hidden states at the site, so both sides then come from the same layer).
+  Raters can therefore differ between sites, and recycled tokens take part from the next site on.
 - Density ties in the clustering are broken by candidate order (higher score first) instead of
   adding random noise (1e-6), so the method is deterministic; the k nearest neighbours of the
   density include the token itself, as in the reference's kNN.
@@ -78,10 +80,11 @@ def recycled_clusters(n_deleted: int) -> int:
     """Cluster tokens appended when ``n_deleted`` tokens are pruned (0 when none are)."""
     if n_deleted <= 0:
         return 0
-    return recycled_candidates(n_deleted) // round(1 / CLUSTER_RATIO) + 1
+    return math.floor(CLUSTER_RATIO * recycled_candidates(n_deleted)) + 1
 
 
 def recycled_candidates(n_deleted: int) -> int:
+    """Deleted tokens that are recycled into clusters: the top ⌊0.3·n_del⌋ + 1 by score."""
     return math.floor(RECYCLE_RATIO * n_deleted) + 1
 
 
@@ -253,9 +256,9 @@ class SparseVLM(TokenCompressor):
             raise ValueError("SparseVLM needs the attention and text signals; the adapter did not "
                              "provide them")
         b, n, _ = x.visual.shape
-        raters = text_raters(x.visual, x.text).to(x.attention.dtype)  # [B, T]
-        rater_attention = x.attention.float() * raters[..., None].float()
-        scores = rater_attention.sum(dim=1) / raters.float().sum(dim=1, keepdim=True)  # [B, N]
+        raters = text_raters(x.visual, x.text).float()  # [B, T], 1 for raters
+        rater_attention = x.attention.float() * raters[..., None]  # P, other rows zeroed
+        scores = rater_attention.sum(dim=1) / raters.sum(dim=1, keepdim=True)  # [B, N]
         keep = min(x.keep, n)
         if self.options.version == "v1":
             keep = min(keep, self._adaptive_keep(rater_attention, n))
@@ -270,7 +273,8 @@ class SparseVLM(TokenCompressor):
         rank = int(torch.linalg.matrix_rank(rater_attention).max())
         if rank >= n:
             return n
-        return min(math.floor(rank * self.options.rank_lambda + self.options.rank_bias), n - 1)
+        count = math.floor(rank * self.options.rank_lambda + self.options.rank_bias)
+        return min(max(count, 1), n - 1)
 
     @staticmethod
     def _recycle(visual: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:

@@ -105,20 +105,24 @@ class RecordingFastV(FastV):
         return super().reduce(x)
 
 
-def test_probe_scores_equal_the_eager_attention_row_of_the_same_layer():
-    from tiny_vlm import llava_adapter, prompts
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_probe_scores_equal_the_eager_attention_row_of_the_same_layer(family):
+    import tiny_vlm
 
     from tokenbench import Budget
 
-    adapter = llava_adapter("eager")
+    adapter = tiny_vlm.llava_adapter("eager") if family == "llava" else tiny_vlm.qwen_adapter("eager")
     RecordingFastV.seen = []
-    adapter.generate(prompts(), compressor=RecordingFastV(), budget=Budget.parse("128"),
+    adapter.generate(tiny_vlm.prompts(), compressor=RecordingFastV(), budget=Budget.parse("20%"),
                      max_new_tokens=1)
-    encoded = adapter._encode(prompts())
+    encoded = adapter._encode(tiny_vlm.prompts())
+    kwargs = dict(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask,
+                  **encoded.image_inputs)
+    if family == "qwen2_vl":  # the stock forward needs them to build its M-RoPE positions
+        kwargs["mm_token_type_ids"] = (encoded.input_ids == encoded.image_token_id).int()
     with torch.inference_mode():
-        out = adapter.model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask,
-                            output_attentions=True, **encoded.image_inputs)
-    k_layer = adapter.info().scale_layer(2)
+        out = adapter.model(**kwargs, output_attentions=True)
+    k_layer = adapter.info(encoded.n_visual, grid=encoded.grid).scale_layer(2)
     image = (encoded.input_ids[0] == encoded.image_token_id).nonzero().squeeze(1)
     eager_row = out.attentions[k_layer - 1].mean(dim=1)[:, -1, image]  # layer K-1, last query
     assert len(RecordingFastV.seen) == 1

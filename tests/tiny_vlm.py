@@ -48,11 +48,16 @@ def _cached_llava(attn: str):
 
 
 @functools.lru_cache(maxsize=None)
-def qwen_adapter():
-    module = _module("tokenbench.adapters.qwen2_vl")
+def qwen_path() -> Path:
     from tokenbench.tiny_models import tiny_qwen2_vl
 
-    return module.Qwen2VLAdapter.load(tiny_qwen2_vl(_ROOT / "qwen2_vl", llm_layers=32, image_size=336))
+    return tiny_qwen2_vl(_ROOT / "qwen2_vl", llm_layers=32, image_size=336)
+
+
+@functools.lru_cache(maxsize=None)
+def qwen_adapter(attn: str = "sdpa"):
+    module = _module("tokenbench.adapters.qwen2_vl")
+    return module.Qwen2VLAdapter.load(qwen_path(), attn=attn)
 
 
 def prompts(count: int = 1) -> list[Prompt]:
