@@ -12,7 +12,7 @@ mme            lmms-lab/MME (test)        total (P + C, /2800)  MME acc + acc+ p
 gqa            lmms-lab/GQA (testdev bal) accuracy              exact match after normalisation
 textvqa        lmms-lab/textvqa (val)     accuracy              VQA accuracy, OCR tokens in prompt
 scienceqa-img  lmms-lab/ScienceQA (IMG)   accuracy              letter accuracy, image questions only
-mmbench        lmms-lab/MMBench (en dev)  accuracy (circular)   CircularEval over index % 1e6 groups
+mmbench        lmms-lab/MMBench (en dev)  accuracy (circular)   CircularEval over index mod 1e6 groups
 seedbench      lmms-lab/SEED-Bench (test) accuracy              letter accuracy, image questions only
 vqav2          lmms-lab/VQAv2 (val)       accuracy              VQA accuracy (val, not test-dev)
 vizwiz         lmms-lab/VizWiz-VQA (val)  accuracy              VQA accuracy incl. "unanswerable"
@@ -263,8 +263,8 @@ class MMBench(_ChoiceTask):
     required = ("question", "answer", "A", "B")
     id_column = "index"
     circular_stride: ClassVar[int] = 1_000_000
-    description = ("MMBench English dev (4329 rows); accuracy with CircularEval: a question counts only "
-                   "if all its option-rotated copies (index mod 1e6) are right; single_pass_accuracy per row")
+    description = ("MMBench English dev; accuracy by CircularEval: a question counts only if all its "
+                   "option-rotated copies (rows sharing index mod 1e6) are right; single_pass_accuracy per row")
 
     def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
         options = {letter: str(row[letter]).strip() for letter in "ABCDE" if _is_option(row.get(letter))}
@@ -292,10 +292,14 @@ class SEEDBench(_ChoiceTask):
     description = "SEED-Bench image part (14k questions, 9 dimensions); option-letter accuracy, percent"
 
     def select(self, rows: Any) -> Any:
-        if "data_type" not in rows.column_names:
+        """The image part: ``data_type == "image"`` (dimensions 1-9; 10-12 are video)."""
+        if "data_type" in rows.column_names:
+            keep = [kind == "image" for kind in column_arrow(rows, "data_type").to_pylist()]
+        elif "question_type_id" in rows.column_names:
+            keep = [kind is not None and int(kind) <= 9 for kind in column_arrow(rows, "question_type_id").to_pylist()]
+        else:
             return rows
-        kinds = column_arrow(rows, "data_type").to_pylist()
-        return rows.select([i for i, kind in enumerate(kinds) if kind == "image"])
+        return rows.select([i for i, image in enumerate(keep) if image])
 
     def image_loader(self, row: dict[str, Any], label: str) -> Callable[[], Image.Image]:
         cell = row.get("image")  # a list of frames; the image part has exactly one

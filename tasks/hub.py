@@ -3,7 +3,8 @@
 A local copy (``data_dir``) is either a directory written by ``Dataset.save_to_disk`` or a
 directory of parquet files laid out like the hub repository (what ``huggingface-cli download
 <hub id> --repo-type dataset --local-dir DIR`` produces): ``DIR/<config>/<split>-*.parquet`` or
-``DIR/data/<split>-*.parquet``. Both routes end in the same ``datasets.Dataset``, so everything
+``DIR/data/<split>-*.parquet``. One ``--data-dir`` can serve several benchmarks: each is also
+looked for in ``DIR/<hub repository name>`` (``DIR/POPE``, ``DIR/MME``, ...) and ``DIR/<task name>``. Both routes end in the same ``datasets.Dataset``, so everything
 after loading is one code path; rows are read without decoding images (:func:`raw_rows`).
 
 Offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) is honoured by ``datasets`` itself; when
@@ -84,24 +85,31 @@ def _probe_hub(task: str, hub_id: str, config: str | None, split: str) -> None:
 
 def _load_local(datasets: ModuleType, task: str, hub_id: str, config: str | None, split: str,
                 root: Path) -> Any:
+    """The split from ``root`` itself or, when ``root`` holds several benchmarks, from its
+    subdirectory named like the hub repository (``root/POPE``) or the task (``root/pope``)."""
     if not root.is_dir():
         raise TaskDataError(f"task '{task}': data dir '{root}' does not exist; "
                             f"{how_to_get(hub_id, config, split)}")
-    for candidate in ([root / config] if config else []) + [root]:
-        if (candidate / "state.json").is_file() or (candidate / "dataset_dict.json").is_file():
-            loaded = datasets.load_from_disk(str(candidate))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise TaskDataError(f"task '{task}': '{candidate}' has no split '{split}' "
-                                        f"(it has {', '.join(loaded)})")
-                return loaded[split]
-            return loaded
-    files = parquet_files(root, config, split)
-    if not files:
-        where = f"{root}/{config}/{split}-*.parquet" if config else f"{root}/data/{split}-*.parquet"
-        raise TaskDataError(f"task '{task}': no parquet files for split '{split}' in '{root}' "
-                            f"(expected {where}); {how_to_get(hub_id, config, split)}")
-    return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    repo = hub_id.rsplit("/", 1)[-1]
+    for base in (root / repo, root / task, root):
+        for candidate in ([base / config] if config else []) + [base]:
+            if (candidate / "state.json").is_file() or (candidate / "dataset_dict.json").is_file():
+                return _from_disk(datasets, task, candidate, split)
+        files = parquet_files(base, config, split)
+        if files:
+            return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    layout = f"{config}/{split}-*.parquet" if config else f"data/{split}-*.parquet"
+    raise TaskDataError(f"task '{task}': no parquet files for split '{split}' in '{root}' (expected "
+                        f"{root}/{layout} or {root}/{repo}/{layout}); {how_to_get(hub_id, config, split)}")
+
+
+def _from_disk(datasets: ModuleType, task: str, path: Path, split: str) -> Any:
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise TaskDataError(f"task '{task}': '{path}' has no split '{split}' (it has {', '.join(loaded)})")
+        return loaded[split]
+    return loaded
 
 
 def parquet_files(root: Path, config: str | None, split: str) -> list[Path]:

@@ -8,7 +8,9 @@ are deleted; number words zero..ten become digits; the articles a/an/the are dro
 apostrophe-less contractions get their apostrophes back ("dont" -> "don't").
 
 ``vqa_accuracy`` is the VQA metric: min(#annotators who gave the answer / 3, 1), averaged over
-the ten leave-one-annotator-out subsets of the ten human answers.
+the ten leave-one-annotator-out subsets of the ten human answers. (The VQAv2 server normalises the
+human answers only when they disagree; normalising them always, as TextVQA's evaluator does, can
+only differ when all the answers are identical but not in normal form, which is rare.)
 """
 
 from __future__ import annotations

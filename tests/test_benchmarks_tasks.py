@@ -311,6 +311,14 @@ def test_seedbench_keeps_the_image_part(tmp_path: Path) -> None:
     assert samples[1].load_image().getpixel((0, 0)) == (0, 0, 255)
 
 
+def test_seedbench_without_data_type_uses_the_dimension(tmp_path: Path) -> None:
+    seed_data(tmp_path / "full")
+    table = datasets.load_dataset("parquet", data_files=str(tmp_path / "full/data/test-00000-of-00001.parquet"),
+                                  split="train").remove_columns("data_type")
+    table.to_parquet(str(tmp_path / "data" / "test-00000-of-00001.parquet"))   # dimension 10 is video
+    assert [s.id for s in SEEDBench(data_dir=tmp_path).samples()] == ["101669", "101670"]
+
+
 def test_vqav2_reads_answer_dicts(tmp_path: Path) -> None:
     task = VQAv2(data_dir=vqav2_data(tmp_path))
     samples, _ = run(task)
@@ -337,6 +345,15 @@ def test_vizwiz_unanswerable(tmp_path: Path) -> None:
 def test_limit_takes_the_first_samples(tmp_path: Path) -> None:
     samples = list(Pope(data_dir=pope_data(tmp_path)).samples(limit=2))
     assert [s.id for s in samples] == ["random-1", "random-2"]
+
+
+def test_one_data_dir_serves_several_benchmarks(tmp_path: Path) -> None:
+    pope_data(tmp_path / "POPE")          # named like the hub repository
+    mme_data(tmp_path / "mme")            # or like the task
+    assert len(list(Pope(data_dir=tmp_path).samples())) == 4
+    assert len(list(MME(data_dir=tmp_path).samples())) == 4
+    with pytest.raises(TaskDataError, match=r"expected .*/data/val-\*.parquet or .*/VizWiz-VQA/data/val-\*"):
+        next(VizWiz(data_dir=tmp_path).samples())
 
 
 def test_save_to_disk_copy_is_read_too(tmp_path: Path) -> None:
