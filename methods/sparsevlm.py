@@ -57,6 +57,7 @@ Deviations from the reference code:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal
 
@@ -64,8 +65,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import tokenbench
-from tokenbench import (Infeasible, ModelInfo, Reduction, Site, SiteInput, Stage, TokenCompressor,
-                        layer_averaged_tokens)
+from tokenbench import (
+    Infeasible,
+    ModelInfo,
+    Reduction,
+    Site,
+    SiteInput,
+    Stage,
+    TokenCompressor,
+    layer_averaged_tokens,
+)
 
 REFERENCE_TOKENS = 576
 V15_PRUNE_LAYERS = (2, 6, 15)
@@ -131,7 +140,7 @@ def schedule_shape(fraction: float, stages: int) -> list[float]:
                 for b, ks in sorted(V15_SCHEDULES.items())]
     anchors.append((1.0, (1.0, 1.0, 1.0)))
     fraction = min(max(fraction, 0.0), 1.0)
-    for (f0, k0), (f1, k1) in zip(anchors, anchors[1:]):
+    for (f0, k0), (f1, k1) in itertools.pairwise(anchors):
         if f0 <= fraction <= f1:
             t = (fraction - f0) / (f1 - f0)
             shape = [a + t * (b - a) for a, b in zip(k0, k1)]

@@ -36,10 +36,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tokenbench.methods.baselines import pre_llm_site
 
 import tokenbench
 from tokenbench import Infeasible, ModelInfo, Reduction, Site, SiteInput, Stage, TokenCompressor
-from tokenbench.methods.baselines import pre_llm_site
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from pydantic import ValidationError
-
-from tokenbench import (Architecture, Infeasible, ModelInfo, Site, SiteInput, Stage,
-                        layer_averaged_tokens)
 from tokenbench.methods.fastv import FastV
+
+from tokenbench import Architecture, Infeasible, ModelInfo, Site, SiteInput, Stage, layer_averaged_tokens
 
 
 def model_info(llm_layers: int, n_visual: int = 576) -> ModelInfo:
@@ -98,7 +99,7 @@ def test_unknown_option_is_rejected():
 class RecordingFastV(FastV):
     """FastV that keeps the attention rows it was given (test only)."""
 
-    seen: list[torch.Tensor] = []
+    seen: ClassVar[list[torch.Tensor]] = []
 
     def reduce(self, x: SiteInput):
         RecordingFastV.seen.append(x.attention.clone())

@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-
-from tokenbench import (Architecture, Infeasible, ModelInfo, Site, SiteInput, Stage,
-                        layer_averaged_tokens)
 from tokenbench.methods.sparsevlm import SparseVLM, recycled_clusters
+
+from tokenbench import Architecture, Infeasible, ModelInfo, Site, SiteInput, Stage, layer_averaged_tokens
 
 
 def model_info(llm_layers: int = 32, n_visual: int = 576) -> ModelInfo:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
-
-from tokenbench import (Architecture, Infeasible, ModelInfo, Site, SiteInput, Stage,
-                        layer_averaged_tokens)
 from tokenbench.methods.tome import ToMe, ToMePre, merge_schedule
+
+from tokenbench import Architecture, Infeasible, ModelInfo, Site, SiteInput, Stage, layer_averaged_tokens
 
 
 def model_info(n_visual: int = 576, vision_tokens: int = 577, vision_layers: int = 23,
@@ -136,7 +136,7 @@ def test_budget_reaches_the_llm_exactly_or_is_infeasible(budget, vision_layers):
         return
     assert all(site.stage is Stage.VISION and 1 <= site.layer < vision_layers for site, _ in plan)
     counts = [576] + [keep for _, keep in plan]
-    assert all(later >= earlier - earlier // 2 for earlier, later in zip(counts, counts[1:]))
+    assert all(later >= earlier - earlier // 2 for earlier, later in itertools.pairwise(counts))
     assert abs(layer_averaged_tokens(576, plan, 32) - budget) <= 1
 
 
@@ -186,7 +186,7 @@ def test_llava_end_to_end_under_the_flash_backend(method, budget):
     if method is ToMe:  # merged inside the encoder: each block sees fewer tokens (CLS included)
         assert trace.vision[0] == 577 and trace.vision[-1] < trace.vision[1] < 577
         assert all(later >= earlier - (earlier - 1) // 2
-                   for earlier, later in zip(trace.vision, trace.vision[1:]))
+                   for earlier, later in itertools.pairwise(trace.vision))
 
 
 @pytest.mark.parametrize("budget", ["33.3%", "22.2%", "11.1%"])

@@ -30,31 +30,27 @@ def _module(name: str):
         pytest.skip(f"{name} is not there yet (adapters issue); model-level checks skipped")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def llava_path() -> Path:
     from tokenbench.tiny_models import tiny_llava
 
     return tiny_llava(_ROOT / "llava", vision_layers=24, llm_layers=32)
 
 
+@functools.cache
 def llava_adapter(attn: str = "sdpa"):
-    return _cached_llava(attn)
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_llava(attn: str):
     module = _module("tokenbench.adapters.llava")
     return module.LlavaAdapter.load(llava_path(), attn=attn)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def qwen_path() -> Path:
     from tokenbench.tiny_models import tiny_qwen2_vl
 
     return tiny_qwen2_vl(_ROOT / "qwen2_vl", llm_layers=32, image_size=336)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def qwen_adapter(attn: str = "sdpa"):
     module = _module("tokenbench.adapters.qwen2_vl")
     return module.Qwen2VLAdapter.load(qwen_path(), attn=attn)
