@@ -116,8 +116,8 @@ def approximation_error(x: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-
     _check_shape(basis, "basis")
     if basis.shape[0] != x.shape[0] or basis.shape[2] != x.shape[2]:
         raise ValueError(f"approximation_error: basis {tuple(basis.shape)} does not match x {tuple(x.shape)}")
-    scale = _power_of_two_scale(torch.cat([x, basis], dim=1).float())
-    scaled_x, scaled_basis = x.float() / scale, basis.float() / scale
+    scaled, scale = _unit_scaled(torch.cat([x, basis], dim=1))
+    scaled_x, scaled_basis = scaled.split([x.shape[1], basis.shape[1]], dim=1)
     return _residual_norms(scaled_x, scaled_basis, _scaled_ridge(ridge, scale)) * scale.view(-1, 1)
 
 
@@ -137,7 +137,7 @@ def apet_compress(x: torch.Tensor, keep: int, basis: int = 10, *, ridge: float =
     tokens. See the module docstring for the algorithm and the choices made.
     """
     _check_shape(x)
-    _check_finite(x)
+    scaled, scale = _unit_scaled(x)  # raises on NaN / inf
     batch, n, _ = x.shape
     if keep < 1:
         raise ValueError(f"apet: keep={keep} must be at least 1")
@@ -146,7 +146,6 @@ def apet_compress(x: torch.Tensor, keep: int, basis: int = 10, *, ridge: float =
     n_basis = min(basis, keep - 1)
     n_targets = keep - n_basis
 
-    scaled, scale = _unit_scaled(x)
     picks = _fps_on_scaled(scaled, n_basis, _start_indices(scaled, start, generator))
     basis_rows = _gather_rows(scaled, picks)
     errors = _residual_norms(scaled, basis_rows, _scaled_ridge(ridge, scale))
@@ -162,7 +161,9 @@ def apet_compress(x: torch.Tensor, keep: int, basis: int = 10, *, ridge: float =
         slots = by_error[:, n_targets:keep]
         if slot_order == "ascending":
             slots = slots.sort(dim=1).values
-        slot_values = basis_rows if basis_mode == "replace" else 0.5 * basis_rows + 0.5 * _gather_rows(scaled, slots)
+        slot_values = basis_rows
+        if basis_mode == "blend":
+            slot_values = 0.5 * basis_rows + 0.5 * _gather_rows(scaled, slots)
         positions = torch.cat([targets, slots], dim=1)
         values, extra = torch.cat([merged, slot_values], dim=1), None
 
@@ -216,7 +217,8 @@ class ApET(TokenCompressor):
         fps_start: FpsStart = Field("random", description="first FPS pick; random uses the seeded generator")
         stage2: bool = Field(True, description="also compress the LLM hidden states (second stage)")
         stage2_layer: int | None = Field(
-            None, ge=1, description="first decoder layer seeing the stage-2 sequence; default 16 of 32, scaled")
+            None, ge=1, description="first decoder layer that sees the stage-2 sequence; default 16 of 32, "
+                                    "scaled to the model's depth")
         basis_slots: Literal["ascending", "reference"] = Field(
             "ascending", description="reference: descending-error slot order at the LLM stage, as the code")
         positions: Literal["contiguous", "original"] = Field(
@@ -282,27 +284,25 @@ def _check_shape(x: torch.Tensor, what: str = "x") -> None:
                          f"{x.dtype} {tuple(x.shape)}")
 
 
-def _check_finite(x: torch.Tensor) -> None:
-    if torch.isnan(x).any():
-        raise ValueError("apet: input contains NaN values; ApET cannot rank tokens by reconstruction "
-                         "error. Check the model upstream (fp16 overflow? run it in bf16 or fp32)")
-    if torch.isinf(x).any():
-        raise ValueError("apet: input contains infinite values; check the model upstream "
-                         "(fp16 overflow? run it in bf16 or fp32)")
-
-
-def _power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
-    """[B, 1, 1] powers of two with max|x| / scale in [1, 2) per image (1 for all-zero images)."""
-    peak = x.abs().amax(dim=(1, 2), keepdim=True)
-    exponent = torch.frexp(peak).exponent - 1
-    scale = torch.ldexp(torch.ones_like(peak), exponent)
-    return torch.where(peak > 0, scale, torch.ones_like(peak))
-
-
 def _unit_scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``x`` divided exactly by a per-image power of two, and that scale [B, 1, 1]."""
+    """fp32 ``x`` divided by a per-image power of two, and that scale [B, 1, 1].
+
+    Images whose max|x| lies outside [2^-40, 2^40] are scaled to put it in [1, 2); the others keep
+    scale 1 (no fp32 step can overflow or underflow for them). Dividing by a power of two is exact,
+    so results are bit-identical to the unscaled computation wherever that one is finite, while huge
+    activations (bf16 up to 3e38) no longer overflow the Gram matrix and the squared distances.
+    """
     x32 = x.float()
-    scale = _power_of_two_scale(x32)
+    peak = x32.abs().amax(dim=(1, 2), keepdim=True)  # NaN and inf propagate into the peak
+    if not torch.isfinite(peak).all():
+        kind = "NaN" if torch.isnan(peak).any() else "infinite"
+        raise ValueError(f"apet: input contains {kind} values; ApET cannot rank tokens by reconstruction "
+                         "error. Check the model upstream (fp16 overflow? run it in bf16 or fp32)")
+    exponent = torch.frexp(peak).exponent - 1
+    exponent = torch.where((peak == 0) | (exponent.abs() <= 40), 0, exponent)
+    if not exponent.any():
+        return x32, torch.ones_like(peak)
+    scale = torch.ldexp(torch.ones_like(peak), exponent)
     return x32 / scale, scale
 
 
@@ -331,10 +331,12 @@ def _fps_on_scaled(x: torch.Tensor, k: int, first: torch.Tensor) -> torch.Tensor
     rows = torch.arange(batch, device=x.device)
     picks = torch.empty(batch, k, dtype=torch.long, device=x.device)
     nearest = torch.full((batch, n), float("inf"), device=x.device)
+    difference = torch.empty_like(x)  # reused: a fresh [B, N, D] temporary per pick costs ~40%
     current = first
     for i in range(k):
         picks[:, i] = current
-        distance = (x - x[rows, current].unsqueeze(1)).square().sum(dim=2)
+        torch.sub(x, x[rows, current].unsqueeze(1), out=difference)
+        distance = difference.square_().sum(dim=2)
         nearest = torch.minimum(nearest, distance)
         nearest[rows.unsqueeze(1), picks[:, : i + 1]] = -1.0  # never pick a token twice
         current = nearest.argmax(dim=1)
@@ -347,26 +349,30 @@ def _residual_norms(x: torch.Tensor, basis: torch.Tensor, ridge: torch.Tensor) -
     eye = torch.eye(basis.shape[1], device=x.device)
     gram = basis @ basis.transpose(1, 2) + ridge * eye
     coefficients = torch.linalg.solve(gram, basis @ x.transpose(1, 2))  # [B, k, N]
-    return (x - coefficients.transpose(1, 2) @ basis).norm(dim=2)
+    return torch.baddbmm(x, coefficients.transpose(1, 2), basis, alpha=-1).norm(dim=2)
 
 
 def _merge_into_targets(x: torch.Tensor, targets: torch.Tensor, sources: torch.Tensor,
                         scaling: float) -> torch.Tensor:
-    """Each target becomes (scaling·x_t + Σ x_u) / (scaling + c_t) over the sources u whose most
+    """Each target becomes (scaling·x_t + Σ x_u) / (scaling + c_t) over the c_t sources u whose most
     cosine-similar target it is (first target on ties)."""
+    (batch, n_targets), dims = targets.shape, x.shape[2]
     target_rows, source_rows = _gather_rows(x, targets), _gather_rows(x, sources)
     similarity = F.normalize(source_rows, dim=2) @ F.normalize(target_rows, dim=2).transpose(1, 2)
-    assignment = similarity.argmax(dim=2)  # [B, U]
-    total = (scaling * target_rows).scatter_add(
-        1, assignment.unsqueeze(2).expand_as(source_rows), source_rows)
-    count = torch.full(targets.shape, float(scaling), device=x.device).scatter_add(
-        1, assignment, torch.ones_like(assignment, dtype=torch.float32))
-    return total / count.unsqueeze(2)
+    owner = similarity.argmax(dim=2)  # [B, U] index into the targets of the same image
+    owner_flat = (owner + n_targets * torch.arange(batch, device=x.device).unsqueeze(1)).reshape(-1)
+    total = (scaling * target_rows).reshape(batch * n_targets, dims).index_add(
+        0, owner_flat, source_rows.reshape(owner_flat.shape[0], dims))
+    count = torch.full((batch * n_targets,), float(scaling), device=x.device).index_add(
+        0, owner_flat, torch.ones(owner_flat.shape, device=x.device))
+    return (total / count.unsqueeze(1)).view(batch, n_targets, dims)
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[b, index[b, j]] for every b, j: [B, N, D] x [B, K] -> [B, K, D]."""
-    return x.gather(1, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
+    batch, n, dims = x.shape
+    flat = index + n * torch.arange(batch, device=index.device).unsqueeze(1)
+    return x.reshape(batch * n, dims)[flat.reshape(-1)].view(batch, index.shape[1], dims)
 
 
 @tokenbench.hookimpl

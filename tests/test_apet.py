@@ -7,6 +7,13 @@ import pydantic
 import pytest
 import torch
 from apet_slow import slow_apet
+from tokenbench.methods.apet import (
+    ApET,
+    apet_compress,
+    approximation_error,
+    farthest_point_sampling,
+    split_budget,
+)
 
 from tokenbench import (
     Architecture,
@@ -17,13 +24,6 @@ from tokenbench import (
     SiteInput,
     Stage,
     layer_averaged_tokens,
-)
-from tokenbench.methods.apet import (
-    ApET,
-    apet_compress,
-    approximation_error,
-    farthest_point_sampling,
-    split_budget,
 )
 
 ALL_STAGES = (Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM)
