@@ -62,8 +62,8 @@ def test_keep_all_matches_stock(request, reference, family, site, attn, batch):
     n_visual = run.generations[0].trace.n_visual
     for g in run.generations:
         assert g.trace.llm_visual == [n_visual] * len(a._decoder().layers)
-        assert g.trace.eager_attention_calls == (len(a._decoder().layers) + (len(g.trace.vision) if
-                                                 family == "llava" else 0) if attn == "eager" else 0)
+        eager_calls = len(a._decoder().layers) + len(g.trace.vision) if attn == "eager" else 0
+        assert g.trace.eager_attention_calls == eager_calls
 
 
 def test_registry_lists_both_families():

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 from adapter_tools import ALL, Scripted, adapter, model_dir, prompts
+from tokenbench.methods.baselines import RandomKeep
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tokenbench import Budget, Site, Stage
 from tokenbench.adapters.prefill import contiguous_positions
-from tokenbench.methods.baselines import RandomKeep
 from tokenbench.plugins import load_registry
 
 
@@ -94,7 +94,7 @@ def test_cached_decode_after_llm_pruning_matches_recompute(request, family, poli
     """Decoding on the per-layer shortened cache equals re-running the pruned prefill without cache."""
     a = adapter(family, model_dir(request, family), "sdpa")
     enc = a._encode(prompts(family, batch))
-    make = lambda: Scripted(Site(Stage.LLM, 2), stride=3, positions=policy,  # noqa: E731
+    make = lambda: Scripted(Site(Stage.LLM, 2), stride=3, positions=policy,
                             needs=frozenset({"attention"}))
     run = a.run_encoded(enc, compressor=make(), budget=ALL, max_new_tokens=4)
     for k in range(1, run.tokens.shape[1]):
@@ -205,3 +205,50 @@ def test_end_to_end_methods_at_paper_budgets(request, family, method):
             assert g.trace.realised_tokens >= 0.5 * target
             assert 1 <= g.trace.generated_tokens <= 3
             assert set(g.timings_ms) == {"vision", "prefill", "decode"}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_site_before_layer_zero_reads_layer_zero(request, family):
+    """An llm site at layer 0 has no layer before it: its attention is layer 0's on the input."""
+    a = adapter(family, model_dir(request, family), "eager")
+    batch = prompts(family, 1)
+    compressor = Scripted(Site(Stage.LLM, 0), stride=2, needs=frozenset({"attention", "keys"}))
+    run = a.run(batch, compressor=compressor, budget=ALL, max_new_tokens=1)
+    enc = a._encode(batch)
+    start = int((enc.input_ids == enc.image_token_id).int().argmax())
+    reference = _stock_attentions(a, enc)[0].mean(dim=1)[:, -1:, start:start + enc.n_visual]
+    torch.testing.assert_close(compressor.seen[0].x.attention, reference, rtol=1e-4, atol=1e-5)
+    assert run.generations[0].trace.llm_visual[0] == compressor.kept(enc.n_visual)
+
+
+def test_infeasible_propagates_to_the_caller(request):
+    from tokenbench import Infeasible
+
+    a = adapter("llava", model_dir(request, "llava"), "sdpa")
+    with pytest.raises(Infeasible):
+        a.generate(prompts("llava", 1), compressor=RandomKeep(), budget=Budget(ratio=0.0001))
+
+
+def test_unbatchable_methods_run_one_sample_at_a_time(request):
+    """``text`` signals differ in length between padded rows: generate() splits the batch, and the
+    answers equal those of single-sample calls."""
+    a = adapter("llava", model_dir(request, "llava"), "sdpa")
+    make = lambda: Scripted(Site(Stage.LLM, 2), stride=2, needs=frozenset({"attention", "text"}),
+                            queries="text")
+    assert not a.batchable(make()) and a.batchable(Scripted(Site(Stage.LLM, 2), needs=frozenset({"attention"})))
+    batch = prompts("llava", 2)
+    together = a.generate(batch, compressor=make(), budget=ALL, max_new_tokens=3)
+    alone = [a.generate([p], compressor=make(), budget=ALL, max_new_tokens=3)[0] for p in batch]
+    assert [g.text for g in together] == [g.text for g in alone]
+    assert [g.trace.probe_rows for g in together] == [g.trace.probe_rows for g in alone]
+    assert together[0].trace.probe_rows != together[1].trace.probe_rows  # different text lengths
+
+
+def test_bfloat16_generation_runs(request):
+    from tokenbench.adapters.llava import LlavaAdapter
+
+    a = LlavaAdapter.load(model_dir(request, "llava"), dtype=torch.bfloat16, attn="sdpa")
+    compressor = Scripted(Site(Stage.LLM, 2), stride=2, needs=frozenset({"attention", "keys"}))
+    out = a.generate(prompts("llava", 2), compressor=compressor, budget=ALL, max_new_tokens=2)
+    assert a.dtype == torch.bfloat16 and compressor.seen[0].x.visual.dtype == torch.bfloat16
+    assert all(g.trace.llm_visual[-1] == 288 for g in out)

@@ -9,12 +9,13 @@ classes instantiated from small configs. Each factory writes a directory that lo
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
 
 def simple_chat_template(image_token: str = "<image>") -> str:
     """A plain ``ROLE: text`` chat template; ``{"type": "image"}`` content items render as
@@ -32,10 +33,13 @@ def simple_chat_template(image_token: str = "<image>") -> str:
     )
 
 
-DEFAULT_WORDS = tuple(
-    "a an the is are of in on to and or what which how many color shape red green blue yellow "
-    "black white circle square triangle star left right top bottom one two three four five yes no "
-    "image picture describe there this that user assistant : ? . ,".split())
+DEFAULT_WORDS = (
+    "a", "an", "the", "is", "are", "of", "in", "on", "to", "and", "or", "what", "which", "how",
+    "many", "color", "shape", "red", "green", "blue", "yellow", "black", "white", "circle",
+    "square", "triangle", "star", "left", "right", "top", "bottom", "one", "two", "three", "four",
+    "five", "yes", "no", "image", "picture", "describe", "there", "this", "that", "user",
+    "assistant", ":", "?", ".", ",",
+)
 
 
 def word_level_tokenizer(words: Sequence[str], special_tokens: Sequence[str] = ("<unk>", "<pad>", "<s>", "</s>"),
@@ -85,8 +89,14 @@ def tiny_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, v
     """A random-weight LLaVA-1.5-shaped model: 336px CLIP, patch 14 (24×24 = 576 visual tokens),
     ``vision_feature_layer=-2`` with the CLS token dropped, a 2-layer MLP projector and a GQA
     Llama decoder of hidden size 64. Saved with its processor under ``directory``."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     directory = Path(directory)
     tokenizer = word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN],
@@ -129,19 +139,21 @@ def tiny_qwen2_vl(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS
                                                        "vision_start_token": "<|vision_start|>",
                                                        "vision_end_token": "<|vision_end|>"})
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=llm_layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id)
-    common = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": llm_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 2048, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            # head_dim 16: the three M-RoPE sections (t, h, w) split its 8 frequency pairs
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    common = {"depth": 2, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "in_channels": 3}
     if variant == "qwen2_vl":
         config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
-        vision = dict(common, embed_dim=32, hidden_size=64, mlp_ratio=2)
+        vision = {**common, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2}
     elif variant == "qwen2_5_vl":
         config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
-        vision = dict(common, hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=56,
-                      fullatt_block_indexes=[1])
+        vision = {**common, "hidden_size": 32, "out_hidden_size": 64, "intermediate_size": 64,
+                  "window_size": 56, "fullatt_block_indexes": [1]}
     else:
         raise ValueError(f"variant {variant!r} must be 'qwen2_vl' or 'qwen2_5_vl'")
     config = config_cls(text_config=text, vision_config=vision,

@@ -15,6 +15,12 @@ span they replace, so the text after the image keeps its own positions. A decode
 the uncompressed next position (Qwen2-VL's ``rope_deltas`` arithmetic), with ``contiguous`` the
 layer's own cache length (FastV's shifted decode positions).
 
+Signals at a site before layer ``l``: ``attention`` rows come from layer ``l-1`` (its keys are read
+from its KV-cache entry, its queries recomputed for the selected rows only, see ``probe.py``);
+``keys`` are layer ``l-1``'s head-mean keys before the rotary embedding (rotation would make
+similarity depend on position); a site before layer 0 reads layer 0's projections of its input.
+``text`` is the input embedding of the text after the image.
+
 Masks: with SDPA and no padding no mask is built at all (``is_causal``), so the fused kernels
 (flash included) stay eligible; otherwise a boolean ``[B, 1, Q, K]`` mask for SDPA, an additive
 float mask for eager, and the 2-D padding mask for ``flash_attention_2``.
@@ -22,8 +28,8 @@ float mask for eager, and the 2-D padding mask for ``flash_attention_2``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -83,7 +89,7 @@ class TokenSequence:
 def splice(seq: TokenSequence, applied: Applied, policy: str) -> TokenSequence:
     """Replace the visual span by ``applied.block`` (``applied.source`` maps new to old tokens)."""
     hidden, device = seq.hidden, seq.hidden.device
-    b, s, _ = hidden.shape
+    s = hidden.shape[1]
     n, k = seq.n_visual, applied.block.tokens.shape[1]
     new_len = s - n + k
     j = torch.arange(new_len, device=device)[None]

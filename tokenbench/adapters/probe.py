@@ -8,7 +8,7 @@ so the cost is ``Q × N`` scores instead of ``N × N``, and nothing switches to 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

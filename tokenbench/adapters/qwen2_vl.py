@@ -13,9 +13,10 @@ method's ``positions`` policy, and decoding continues at ``max id + 1`` exactly 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -72,7 +73,7 @@ class Qwen2VLAdapter(StagedAdapter):
         config = self.model.config
         text, vision = config.text_config, config.vision_config
         if grid is None:
-            side = max(int(round((n_visual or 256) ** 0.5)), 1)
+            side = max(round((n_visual or 256) ** 0.5), 1)
             grid = (side, (n_visual or side * side) // side)
         patches = grid[0] * grid[1] * self.merge ** 2
         # Qwen2-VL names the encoder width embed_dim and the merger output hidden_size; Qwen2.5-VL
@@ -128,8 +129,11 @@ class Qwen2VLAdapter(StagedAdapter):
         features = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         merged = torch.stack(list(features.pooler_output)).to(self.dtype)
         tokens = merged.shape[1] * self.merge ** 2
+        depth = self.model.config.vision_config.depth
+        eager = self.model.config.vision_config._attn_implementation == "eager"
         for trace in traces:
-            trace.vision.extend([tokens] * self.model.config.vision_config.depth)
+            trace.vision.extend([tokens] * depth)
+            trace.eager_attention_calls += depth * int(eager)
         block = VisualBlock.fresh(merged)
         keep = plan.at(Stage.PROJECTOR)
         if keep:

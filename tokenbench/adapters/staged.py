@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from tokenbench.adapters.base import AdapterError, Generation, Prompt, TokenTrace, VLMAdapter
-from tokenbench.adapters.prefill import (Decoder, StagedPrefill, TokenSequence, contiguous_positions,
-                                         greedy_decode, splice)
+from tokenbench.adapters.prefill import (
+    Decoder,
+    StagedPrefill,
+    TokenSequence,
+    contiguous_positions,
+    greedy_decode,
+    splice,
+)
 from tokenbench.adapters.sites import Applied, VisualBlock
 from tokenbench.budget import Budget
 from tokenbench.compressor import Site, Stage, TokenCompressor
