@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from PIL import Image
+
+import tokenbench
 from tokenbench.tasks.base import Sample
 from tokenbench.tasks.choice import LETTERS, choice_prompt, extract_choice
 from tokenbench.tasks.hub import SampleError, load_split, open_image, raw_row
@@ -34,8 +36,6 @@ from tokenbench.tasks.mme import read_yes_no as read_mme_answer
 from tokenbench.tasks.pope import pope_metrics
 from tokenbench.tasks.pope import read_yes_no as read_pope_answer
 from tokenbench.tasks.vqa_scoring import gqa_match, most_common_answer, normalize_answer, vqa_accuracy
-
-import tokenbench
 
 Records = Sequence[Mapping[str, Any]]
 
@@ -115,7 +115,8 @@ class GQA(HubTask):
     def rows(self) -> Any:
         self._images = load_split(self.name, self.hub_id, self.images_config, self.split, self.data_dir)
         self.check_columns(self._images, ("id", "image"))
-        self._image_position = {str(key): i for i, key in enumerate(column_arrow(self._images, "id").to_pylist())}
+        image_ids = column_arrow(self._images, "id").to_pylist()
+        self._image_position = {str(key): position for position, key in enumerate(image_ids)}
         return super().rows()
 
     def image_loader(self, row: dict[str, Any], label: str) -> Callable[[], Image.Image]:
@@ -245,8 +246,8 @@ class ScienceQAImg(_ChoiceTask):
         context = f"Context: {row['hint'].strip()}" if (row.get("hint") or "").strip() else None
         answer = int(row["answer"])
         if not 0 <= answer < len(options):
-            return broken_sample(sample_id, f"task '{self.name}' row id {sample_id}: field 'answer' = {answer} "
-                                            f"is not an option index (0..{len(options) - 1})")
+            return broken_sample(sample_id, f"task '{self.name}' row id {sample_id}: field 'answer' = "
+                                            f"{answer} is not an option index (0..{len(options) - 1})")
         return Sample(sample_id, choice_prompt(row["question"].strip(), options, context), image,
                       LETTERS[answer], {"options": options})
 
@@ -264,7 +265,8 @@ class MMBench(_ChoiceTask):
     id_column = "index"
     circular_stride: ClassVar[int] = 1_000_000
     description = ("MMBench English dev; accuracy by CircularEval: a question counts only if all its "
-                   "option-rotated copies (rows sharing index mod 1e6) are right; single_pass_accuracy per row")
+                   "option-rotated copies (rows sharing index mod 1e6) are right; "
+                   "single_pass_accuracy counts rows")
 
     def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
         options = {letter: str(row[letter]).strip() for letter in "ABCDE" if _is_option(row.get(letter))}
@@ -296,7 +298,8 @@ class SEEDBench(_ChoiceTask):
         if "data_type" in rows.column_names:
             keep = [kind == "image" for kind in column_arrow(rows, "data_type").to_pylist()]
         elif "question_type_id" in rows.column_names:
-            keep = [kind is not None and int(kind) <= 9 for kind in column_arrow(rows, "question_type_id").to_pylist()]
+            dimensions = column_arrow(rows, "question_type_id").to_pylist()
+            keep = [dimension is not None and int(dimension) <= 9 for dimension in dimensions]
         else:
             return rows
         return rows.select([i for i, image in enumerate(keep) if image])

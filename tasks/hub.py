@@ -4,8 +4,9 @@ A local copy (``data_dir``) is either a directory written by ``Dataset.save_to_d
 directory of parquet files laid out like the hub repository (what ``huggingface-cli download
 <hub id> --repo-type dataset --local-dir DIR`` produces): ``DIR/<config>/<split>-*.parquet`` or
 ``DIR/data/<split>-*.parquet``. One ``--data-dir`` can serve several benchmarks: each is also
-looked for in ``DIR/<hub repository name>`` (``DIR/POPE``, ``DIR/MME``, ...) and ``DIR/<task name>``. Both routes end in the same ``datasets.Dataset``, so everything
-after loading is one code path; rows are read without decoding images (:func:`raw_rows`).
+looked for in ``DIR/<hub repository name>`` (``DIR/POPE``, ``DIR/MME``, ...) and ``DIR/<task name>``.
+Both routes end in the same ``datasets.Dataset``, so everything after loading is one code path;
+rows are read without decoding images (:func:`raw_rows`).
 
 Offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) is honoured by ``datasets`` itself; when
 it is off, the hub endpoint is probed with a short timeout first so that a machine without network
@@ -107,7 +108,8 @@ def _from_disk(datasets: ModuleType, task: str, path: Path, split: str) -> Any:
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise TaskDataError(f"task '{task}': '{path}' has no split '{split}' (it has {', '.join(loaded)})")
+            raise TaskDataError(f"task '{task}': '{path}' has no split '{split}' "
+                                f"(it has {', '.join(loaded)})")
         return loaded[split]
     return loaded
 

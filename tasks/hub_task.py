@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from PIL import Image
+
 from tokenbench.tasks.base import Sample, Task, TaskDataError
 from tokenbench.tasks.hub import SampleError, load_split, open_image, raw_rows
 
@@ -38,7 +39,8 @@ class HubTask(Task):
     def check_columns(self, rows: Any, columns: tuple[str, ...]) -> None:
         missing = [c for c in columns if c not in rows.column_names]
         if missing:
-            raise TaskDataError(f"task '{self.name}': the data have no column {', '.join(map(repr, missing))} "
+            names = ", ".join(map(repr, missing))
+            raise TaskDataError(f"task '{self.name}': the data have no column {names} "
                                 f"(found {', '.join(rows.column_names)}); use the schema of {self.hub_id}")
 
     def select(self, rows: Any) -> Any:

@@ -48,7 +48,8 @@ def pope_metrics(records: Iterable[tuple[str, str, str]]) -> dict[str, float]:
     for split, prediction, answer in records:
         by_split[split].append((prediction, answer))
     per_split = {split: binary_metrics(pairs) for split, pairs in by_split.items()}
-    result = {f"{split}_{name}": value for split, metrics in per_split.items() for name, value in metrics.items()}
+    result = {f"{split}_{name}": value
+              for split, metrics in per_split.items() for name, value in metrics.items()}
     for name in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
         result[name] = _mean(m[name] for m in per_split.values())
     return result

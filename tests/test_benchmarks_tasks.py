@@ -55,7 +55,8 @@ def write(root: Path, folder: str, split: str, columns: dict[str, list], feature
 
 
 def pope_data(root: Path) -> Path:
-    rows = [("random", "Is there a dog in the image?", "yes"), ("random", "Is there a cat in the image?", "no"),
+    rows = [("random", "Is there a dog in the image?", "yes"),
+            ("random", "Is there a cat in the image?", "no"),
             ("popular", "Is there a person in the image?", "no"),
             ("adversarial", "Is there a chair in the image?", "yes")]
     return write(root, "data", "test", {
@@ -69,8 +70,9 @@ def pope_data(root: Path) -> Path:
 
 
 def mme_data(root: Path) -> Path:
-    rows = [("existence", "existence/0001.png", "Is there a dog in this image? Please answer yes or no.", "Yes"),
-            ("existence", "existence/0001.png", "Is there a cat in this image? Please answer yes or no.", "No"),
+    ask = "Please answer yes or no."
+    rows = [("existence", "existence/0001.png", f"Is there a dog in this image? {ask}", "Yes"),
+            ("existence", "existence/0001.png", f"Is there a cat in this image? {ask}", "No"),
             ("code_reasoning", "code_reasoning/0020.png", "Is the output 3? Please answer yes or no.", "Yes"),
             ("code_reasoning", "code_reasoning/0020.png", "Is the output 4? Please answer yes or no.", "No")]
     return write(root, "data", "test", {
@@ -84,9 +86,11 @@ def gqa_data(root: Path, orphan: bool = False) -> Path:
     """Two questions on two images; with ``orphan`` a third whose image is not in the image subset."""
     rows = 3 if orphan else 2
     write(root, "testdev_balanced_instructions", "testdev", {
-        "id": ["201307251", "201640614", "20000000"][:rows], "imageId": ["n161313", "n235859", "n000000"][:rows],
+        "id": ["201307251", "201640614", "20000000"][:rows],
+        "imageId": ["n161313", "n235859", "n000000"][:rows],
         "question": ["Is it overcast?", "Who is wearing the dress?", "What is missing?"][:rows],
-        "answer": ["no", "woman", "nothing"][:rows], "fullAnswer": ["No, it is clear.", "The woman is.", "-"][:rows],
+        "answer": ["no", "woman", "nothing"][:rows],
+        "fullAnswer": ["No, it is clear.", "The woman is.", "-"][:rows],
         "isBalanced": [True, True, True][:rows],
     }, {"id": Value("string"), "imageId": Value("string"), "question": Value("string"),
         "answer": Value("string"), "fullAnswer": Value("string"), "isBalanced": Value("bool")})
@@ -135,8 +139,8 @@ def mmbench_data(root: Path) -> Path:
     return write(root, "en", "dev", {
         "index": [241, 1000241, 242], "question": ["What is shown?", "What is shown?", "Which is red?"],
         "hint": [None, None, "Look closely."],
-        "A": ["cat", "dog", "apple"], "B": ["dog", "cat", "banana"], "C": [None, None, "grape"], "D": [None] * 3,
-        "E": [None] * 3,
+        "A": ["cat", "dog", "apple"], "B": ["dog", "cat", "banana"], "C": [None, None, "grape"],
+        "D": [None] * 3, "E": [None] * 3,
         "answer": ["A", "B", "A"], "category": ["image_topic"] * 3, "image": [png("red")] * 3,
         "source": ["MMBench"] * 3, "L2-category": ["coarse_perception"] * 3, "comment": [None] * 3,
         "split": ["dev"] * 3,
@@ -167,8 +171,9 @@ def vqav2_data(root: Path) -> Path:
     return write(root, "data", "validation", {
         "question_type": ["how many", "what color"], "multiple_choice_answer": ["2", "red"],
         "answers": [answers(*(["2"] * 8 + ["two", "3"])), answers(*(["red"] * 6 + ["dark red"] * 4))],
-        "image_id": [262148, 393225], "answer_type": ["number", "other"], "question_id": [262148000, 393225001],
-        "question": ["How many dogs are there?", "What color is the bus?"], "image": [png("red"), png("blue")],
+        "image_id": [262148, 393225], "answer_type": ["number", "other"],
+        "question_id": [262148000, 393225001], "image": [png("red"), png("blue")],
+        "question": ["How many dogs are there?", "What color is the bus?"],
     }, {"question_type": Value("string"), "multiple_choice_answer": Value("string"),
         "answers": List({"answer": Value("string"), "answer_confidence": Value("string"),
                          "answer_id": Value("int64")}),
@@ -186,8 +191,9 @@ def vizwiz_data(root: Path) -> Path:
         "answers": List(Value("string")), "category": Value("string")})
 
 
-FIXTURES = {Pope: pope_data, MME: mme_data, GQA: gqa_data, TextVQA: textvqa_data, ScienceQAImg: scienceqa_data,
-            MMBench: mmbench_data, SEEDBench: seed_data, VQAv2: vqav2_data, VizWiz: vizwiz_data}
+FIXTURES = {Pope: pope_data, MME: mme_data, GQA: gqa_data, TextVQA: textvqa_data,
+            ScienceQAImg: scienceqa_data, MMBench: mmbench_data, SEEDBench: seed_data, VQAv2: vqav2_data,
+            VizWiz: vizwiz_data}
 
 
 @pytest.fixture(autouse=True)
@@ -313,8 +319,8 @@ def test_seedbench_keeps_the_image_part(tmp_path: Path) -> None:
 
 def test_seedbench_without_data_type_uses_the_dimension(tmp_path: Path) -> None:
     seed_data(tmp_path / "full")
-    table = datasets.load_dataset("parquet", data_files=str(tmp_path / "full/data/test-00000-of-00001.parquet"),
-                                  split="train").remove_columns("data_type")
+    full = str(tmp_path / "full/data/test-00000-of-00001.parquet")
+    table = datasets.load_dataset("parquet", data_files=full, split="train").remove_columns("data_type")
     table.to_parquet(str(tmp_path / "data" / "test-00000-of-00001.parquet"))   # dimension 10 is video
     assert [s.id for s in SEEDBench(data_dir=tmp_path).samples()] == ["101669", "101670"]
 
@@ -373,7 +379,7 @@ def test_broken_rows_fail_their_sample_only(tmp_path: Path) -> None:
     samples = list(MME(data_dir=tmp_path).samples())
     assert len(samples) == 3
     assert samples[0].load_image().size == (12, 8)
-    with pytest.raises(SampleError, match=r"task 'mme' row 1 \(id b/2.png#1\) field 'image'.*does not decode"):
+    with pytest.raises(SampleError, match=r"'mme' row 1 \(id b/2.png#1\) field 'image'.*does not decode"):
         samples[1].load_image()
     with pytest.raises(SampleError, match=r"task 'mme' row 2 \(id c/3.png#2\): field 'question' is empty"):
         samples[2].load_image()
@@ -390,7 +396,7 @@ def test_missing_image_names_the_field(tmp_path: Path) -> None:
 
 
 def test_missing_data_dir_files_and_columns(tmp_path: Path) -> None:
-    with pytest.raises(TaskDataError, match=r"task 'pope': data dir .* does not exist.*lmms-lab/POPE.*--data-dir"):
+    with pytest.raises(TaskDataError, match=r"'pope': data dir .* does not exist.*lmms-lab/POPE.*--data-dir"):
         next(Pope(data_dir=tmp_path / "nowhere").samples())
     (tmp_path / "empty").mkdir()
     with pytest.raises(TaskDataError, match=r"task 'mmbench': no parquet files for split 'dev'.*en/dev-\*"):
@@ -415,7 +421,7 @@ def test_unreachable_hub_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     start = time.monotonic()
-    with pytest.raises(TaskDataError, match=r"task 'gqa': cannot reach http://127.0.0.1:9 .*HF_DATASETS_OFFLINE=1"):
+    with pytest.raises(TaskDataError, match=r"'gqa': cannot reach http://127.0.0.1:9 .*HF_DATASETS_OFFLINE"):
         next(GQA().samples())
     assert time.monotonic() - start < 10
 
