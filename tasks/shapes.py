@@ -38,6 +38,7 @@ FAMILIES = ("existence", "counting", "colour", "shape", "relation", "reading")
 EVAL_SPLIT = 0
 EVAL_SIZE = 600  # 100 questions per family
 LETTER_FONT_SIZE = 22
+LETTER_CELL = 28  # the embedded model's patch size
 _MIN_GAP = 6  # pixels between objects, so every object stays a separate blob
 
 
@@ -190,9 +191,14 @@ def _place(rng: random.Random, specs: Sequence[tuple[str, str]], seed: int) -> S
                 break
         else:
             return None
+    # the letter sits centred in one 28-px cell: about one visual token, so dropping that token loses it
     char = rng.choice(LETTERS)
+    left, top, right, bottom = _font().getbbox(char)
+    cells = IMAGE_SIZE // LETTER_CELL
     for _ in range(40):
-        letter = Letter(char, rng.randint(2, IMAGE_SIZE - 24), rng.randint(-4, IMAGE_SIZE - 26))
+        row, col = rng.randrange(cells), rng.randrange(cells)
+        letter = Letter(char, col * LETTER_CELL + (LETTER_CELL - left - right) // 2,
+                        row * LETTER_CELL + (LETTER_CELL - top - bottom) // 2)
         if not _overlaps(letter.box, boxes):
             return Scene(objects, letter, seed)
     return None
