@@ -57,7 +57,6 @@ Deviations from the reference code:
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Literal
 
@@ -140,13 +139,10 @@ def schedule_shape(fraction: float, stages: int) -> list[float]:
                 for b, ks in sorted(V15_SCHEDULES.items())]
     anchors.append((1.0, (1.0, 1.0, 1.0)))
     fraction = min(max(fraction, 0.0), 1.0)
-    for (f0, k0), (f1, k1) in itertools.pairwise(anchors):
-        if f0 <= fraction <= f1:
-            t = (fraction - f0) / (f1 - f0)
-            shape = [a + t * (b - a) for a, b in zip(k0, k1)]
-            break
-    shape += [shape[-1]] * (stages - len(shape))  # v1's fourth stage repeats the third
-    return shape[:stages]
+    below = max(i for i, (f, _) in enumerate(anchors[:-1]) if f <= fraction)
+    (f0, k0), (f1, k1) = anchors[below], anchors[below + 1]
+    t = (fraction - f0) / (f1 - f0)
+    return [a + t * (b - a) for a, b in zip(k0, k1)][:stages]
 
 
 def budget_schedule(n_visual: int, budget: float, sites: list[Site], llm_layers: int,
@@ -265,6 +261,9 @@ class SparseVLM(TokenCompressor):
             raise ValueError("SparseVLM needs the attention and text signals; the adapter did not "
                              "provide them")
         b, n, _ = x.visual.shape
+        if x.text.shape[1] == 0:
+            raise ValueError("SparseVLM rates visual tokens by the text after the image; the prompt "
+                             "has none, so put the question after the image")
         raters = text_raters(x.visual, x.text).float()  # [B, T], 1 for raters
         rater_attention = x.attention.float() * raters[..., None]  # P, other rows zeroed
         scores = rater_attention.sum(dim=1) / raters.sum(dim=1, keepdim=True)  # [B, N]

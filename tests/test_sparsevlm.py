@@ -212,3 +212,9 @@ def test_v1_runs_through_the_adapter_with_a_data_dependent_count():
 
     trace = generate_trace(llava_adapter(), SparseVLM(version="v1", rank_lambda=0.8, rank_bias=0), "64")
     assert trace.llm_visual[0] == 576 and trace.llm_visual[-1] < 576
+
+
+def test_prompt_without_text_after_the_image_is_a_clear_error():
+    site = llm_input(torch.randn(1, 20, 6), torch.randn(1, 0, 6), torch.rand(1, 0, 20), 10)
+    with pytest.raises(ValueError, match="after the image"):
+        SparseVLM().reduce(site)
