@@ -28,9 +28,9 @@ Deviations from the reference code (MaQianKun0/ApET @70cc01b), each a bug or qui
   merge run in fp32 and the results are cast back to the input dtype. The LLaVA vision stage merges
   in fp16 (cosine and sums in half precision); with an fp16 model our fp32 merge differs from it by
   rounding only, which is why no option reproduces it.
-- Overflow: every step works on the features divided by a per-image power of two, which is exact in
-  floating point (results are bit-identical to the unscaled computation in the normal range) and
-  keeps huge activations (bf16 up to 3e38) from overflowing the fp32 Gram matrix and distances.
+- Overflow: images with activations beyond 2^±40 are divided by a power of two first, which is
+  exact in floating point (results are bit-identical wherever the unscaled computation is finite)
+  and keeps huge activations (bf16 up to 3e38) from overflowing the fp32 Gram matrix and distances.
 - Basis slot order: the reference fills the slots in ascending position order at the vision stage
   but in descending-error order at the LLM stage. Here both stages use ascending positions;
   ``basis_slots="reference"`` restores the LLM-stage order (it changes results: basis tokens land
@@ -199,7 +199,8 @@ class ApET(TokenCompressor):
 
     Two stages by default (the LLaVA reference): before the LLM (``vision_out`` where the adapter
     offers it, else ``projector``) and on the LLM hidden states from ``stage2_layer`` on. The plan's
-    ``keep`` at a site counts every token alive after it, appended basis tokens included.
+    ``keep`` at a site counts every token alive after it, appended basis tokens included. Merges are
+    unweighted means as in the reference, so ``SiteInput.sizes`` is not used and no sizes are returned.
     """
 
     name = "apet"

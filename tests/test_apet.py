@@ -17,6 +17,7 @@ from tokenbench.methods.apet import (
 
 from tokenbench import (
     Architecture,
+    Budget,
     Infeasible,
     ModelInfo,
     Reduction,
@@ -25,6 +26,7 @@ from tokenbench import (
     Stage,
     layer_averaged_tokens,
 )
+from tokenbench.testing import check_compressor
 
 ALL_STAGES = (Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM)
 
@@ -352,3 +354,23 @@ def test_two_stage_plan_runs_end_to_end():
         reduction.check(site_input(survivors, keep, site.stage))
         survivors = reduction.values
     assert survivors.shape == (2, 32, 32)
+
+
+@pytest.mark.parametrize("options", [{"basis_mode": "blend"}, {"basis_mode": "append"}, {"stage2": False},
+                                     {"basis_slots": "reference", "fps_start": "max_norm"}])
+def test_contract_suite_with_options(options):
+    check_compressor(ApET, options)
+
+
+@pytest.mark.parametrize("options", [{}, {"basis_mode": "append", "positions": "original"}])
+def test_through_the_tiny_llava_adapter(options):
+    """The plan runs in a real prefill and the token trace realises the budget exactly."""
+    from tiny_vlm import llava_adapter, prompts
+
+    adapter = llava_adapter()
+    for text, v1, v2 in [("192", 288, 96), ("64", 96, 32)]:
+        out = adapter.generate(prompts(2), compressor=ApET(**options), budget=Budget.parse(text),
+                               max_new_tokens=2)
+        for generation in out:
+            assert generation.trace.plan == [("vision_out", 0, v1), ("llm", 16, v2)]
+            assert generation.trace.realised_tokens == pytest.approx(float(text))
