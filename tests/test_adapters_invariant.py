@@ -73,3 +73,20 @@ def test_registry_lists_both_families():
     assert registry.adapter_for("qwen2_5_vl").name == "qwen2_vl"
     assert set(registry.adapter_for("llava").stages) == set(Stage)
     assert set(registry.adapter_for("qwen2_vl").stages) == {Stage.PROJECTOR, Stage.LLM}
+
+
+def test_model_info_and_load_errors(request):
+    from tokenbench.adapters.base import AdapterError
+    from tokenbench.adapters.llava import LlavaAdapter
+    from tokenbench.adapters.qwen2_vl import Qwen2VLAdapter
+
+    llava = adapter("llava", model_dir(request, "llava"), "sdpa")
+    info = llava.info()
+    assert info.grid == (24, 24) and info.n_visual == 576 and info.llm_layers == 4
+    assert info.arch.vision_layers == 2 and info.arch.vision_tokens == 577  # 3 blocks, feature layer -2
+    qwen = adapter("qwen2_vl", model_dir(request, "qwen2_vl"), "sdpa").info(64, grid=(8, 8))
+    assert qwen.arch.vision_tokens == 256 and qwen.arch.projector_in == 128 and qwen.stages == Qwen2VLAdapter.stages
+    with pytest.raises(AdapterError, match="use one of"):
+        LlavaAdapter.load(model_dir(request, "llava"), attn="flex_attention")
+    with pytest.raises(AdapterError, match="'qwen2_vl' model"):
+        LlavaAdapter.load(model_dir(request, "qwen2_vl"))

@@ -10,38 +10,18 @@ does not depend on them).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
-from tokenbench.adapters.prefill import ATTENTION_IMPLEMENTATIONS, Decoder, TokenSequence
+from tokenbench.adapters.loading import load_checkpoint, rotary_of
+from tokenbench.adapters.prefill import Decoder, TokenSequence
 from tokenbench.adapters.probe import head_mean_keys, head_mean_probs
 from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
 from tokenbench.compressor import Architecture, ModelInfo, Site, Stage
-
-
-def load_checkpoint(path: str | Path, model_types: tuple[str, ...], dtype: torch.dtype, attn: str,
-                    device: str | torch.device) -> tuple[torch.nn.Module, object]:
-    """``from_pretrained`` a VLM checkpoint after checking its ``model_type`` and ``attn``."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    if attn not in ATTENTION_IMPLEMENTATIONS:
-        raise AdapterError(f"--attn {attn!r} is not supported; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type not in model_types:
-        raise AdapterError(f"checkpoint {path} is a '{config.model_type}' model; this adapter handles "
-                           f"{', '.join(model_types)}")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    return model.to(device).eval(), config
-
-
-def rotary_of(layer: torch.nn.Module):
-    """The stock ``apply_rotary_pos_emb`` of the module that defines ``layer``'s attention."""
-    return sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
 
 
 class LlavaAdapter(StagedAdapter):
@@ -70,7 +50,7 @@ class LlavaAdapter(StagedAdapter):
              device: str | torch.device = "cpu") -> LlavaAdapter:
         from transformers import AutoProcessor
 
-        model, _ = load_checkpoint(path, cls.model_types, dtype, attn, device)
+        model = load_checkpoint(path, cls.model_types, dtype, attn, device)
         return cls(model, AutoProcessor.from_pretrained(path))
 
     def info(self, n_visual: int | None = None, grid: tuple[int, int] | None = None) -> ModelInfo:
@@ -165,9 +145,6 @@ class LlavaAdapter(StagedAdapter):
         keys = attn.k_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
         probs = head_mean_probs(queries, keys, attn.scale, bias=None if bias is None else bias[:, 0])
         return probs[:, 0, 1:]
-
-    def _batch_key(self, prompt: Prompt) -> None:
-        return None
 
 
 def _clip_keys(block: torch.nn.Module, block_input: torch.Tensor) -> torch.Tensor:

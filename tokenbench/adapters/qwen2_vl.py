@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
-from tokenbench.adapters.llava import load_checkpoint, rotary_of
+from tokenbench.adapters.loading import load_checkpoint, rotary_of
 from tokenbench.adapters.prefill import Decoder, TokenSequence
 from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
@@ -66,7 +66,7 @@ class Qwen2VLAdapter(StagedAdapter):
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, attn: str = "sdpa",
              device: str | torch.device = "cpu") -> Qwen2VLAdapter:
-        model, _ = load_checkpoint(path, cls.model_types, dtype, attn, device)
+        model = load_checkpoint(path, cls.model_types, dtype, attn, device)
         return cls(model, load_processor(path))
 
     def info(self, n_visual: int | None = None, grid: tuple[int, int] | None = None) -> ModelInfo:
