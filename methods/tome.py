@@ -21,7 +21,8 @@ Deviations from the reference code:
 
 - Merging runs between blocks (after block l-1's MLP, with block l-1's keys); ToMe merges between
   the attention and the MLP of the same block. The MLP of a block therefore runs on the unmerged
-  tokens, and block 0 never merges.
+  tokens, and there are V-1 merge points where ToMe has V (22 instead of 23 on LLaVA-1.5), the
+  selected layer's output itself not being merged.
 - Output order: the contract keeps survivors at their original positions, so the unmerged A tokens
   and the B tokens stay in spatial (raster) order; ToMe emits [unmerged A, B]. Since a/b parity is
   taken from the current order, later blocks pair different neighbours than ToMe would.
