@@ -3,9 +3,8 @@
 Stages: ``vision`` (between CLIP encoder blocks, with ToMe's proportional attention as a
 log-size bias on the keys), ``vision_out`` (the selected CLIP layer, CLS dropped, before the
 projector; the projector then runs on the kept tokens only), ``projector`` and ``llm``.
-The CLIP encoder runs as an explicit loop over its stock blocks up to the selected feature layer
-(the blocks after it do not influence LLaVA's output and are skipped, as the stock model's output
-does not depend on them).
+The CLIP encoder runs as an explicit loop over its stock blocks up to the selected feature layer;
+the blocks after it cannot influence LLaVA's output and are skipped.
 """
 
 from __future__ import annotations
