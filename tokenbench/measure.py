@@ -9,7 +9,7 @@ actually ran and need no model internals. Two formulas, always named in the outp
 
 - vision encoder, per block with ``t`` tokens, width ``dv``, MLP width ``mv``: Q, K, V, O projections
   ``4·t·dv²``, attention ``QKᵀ`` and ``AV`` ``2·t²·dv``, MLP ``2·t·dv·mv`` (MACs);
-- projector, per visual token entering the LLM uncompressed: ``in·hidden + hidden·d``;
+- projector, per visual token it runs on: ``in·hidden + hidden·d``;
 - LLM prefill, per decoder layer with ``n`` tokens, width ``d``, MLP width ``m``, ``h`` query heads,
   ``g`` key/value heads (head size ``d/h``): Q and O ``2·n·d²``, K and V ``2·n·d·g·d/h`` (GQA-aware),
   attention ``2·n²·d`` (the full square that SDPA computes, causal mask or not), MLP ``3·n·d·m`` with
@@ -58,9 +58,21 @@ def vision_macs(arch: Architecture, trace: TokenTrace) -> int:
     return sum(4 * t * dv * dv + 2 * t * t * dv + 2 * t * dv * mv for t in trace.vision)
 
 
+def projector_tokens(trace: TokenTrace) -> int:
+    """Visual tokens the projector runs on: those entering the LLM, unless a ``projector`` site (or
+    an ``llm`` site at layer 0) reduced them after the projector ran on the earlier count."""
+    after_projector = [(stage, layer) for stage, layer, _ in trace.plan
+                       if stage == "projector" or (stage == "llm" and layer == 0)]
+    if after_projector or not trace.llm_visual:
+        before = [keep for stage, _, keep in trace.plan if stage == "vision_out"]
+        return before[-1] if before else trace.n_visual
+    return trace.llm_visual[0]
+
+
 def projector_macs(arch: Architecture, trace: TokenTrace) -> int:
+    """Two-matrix projector (LLaVA's MLP, Qwen2-VL's merger): in → hidden → LLM width per token."""
     per_token = arch.projector_in * arch.projector_hidden + arch.projector_hidden * arch.llm_hidden
-    return trace.n_visual * per_token
+    return projector_tokens(trace) * per_token
 
 
 def llm_prefill_macs(arch: Architecture, trace: TokenTrace) -> int:
@@ -193,13 +205,12 @@ def summarise_latency(runs: Sequence[dict[str, float]], generated: Sequence[int]
 # --------------------------------------------------------------------------------------------- memory
 
 class PeakMemory:
-    """Peak memory of a block, in bytes above what was in use when it started.
+    """Peak tensor memory allocated during a block, in bytes above what was allocated at its start.
 
-    On CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak (tensor memory only).
-    On CPU: the process's resident-set high-water mark (``VmHWM``), reset through
-    ``/proc/self/clear_refs`` (Linux), minus the resident set at the start. It counts everything the
-    process touched (allocator caches included), so it is an upper bound on tensor memory; ``None``
-    where the kernel does not allow the reset.
+    On CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. On CPU, where torch keeps
+    no such counter: the PyTorch profiler with ``profile_memory=True`` records every tensor
+    allocation and free; the peak of their running sum is the same quantity (tensor memory only, no
+    allocator caches or Python objects). The profiler slows the block, so time it separately.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -216,31 +227,17 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - base
             return
-        resettable = _reset_rss_peak()
-        base = _proc_status_kb("VmRSS")
-        yield
-        peak = _proc_status_kb("VmHWM")
-        self.peak_bytes = (peak - base) * 1024 if resettable and peak is not None and base is not None else None
+        from torch.profiler import ProfilerActivity, profile
 
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            yield
+        events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        running = peak = 0
+        for _, nbytes in events:
+            running += nbytes
+            peak = max(peak, running)
+        self.peak_bytes = peak
 
 
 # ------------------------------------------------------------------------------------ flash attention

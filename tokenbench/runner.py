@@ -41,7 +41,7 @@ EFFICIENCY_REPEATS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Arm:
     """One method at one budget (the baseline has no budget)."""
 
@@ -133,25 +133,25 @@ class Harness:
     def run_task(self, task_name: str) -> list[dict[str, Any]]:
         task: Task = self.registry.task(task_name)(self.config.data_dir)
         samples = list(task.samples(self.config.limit))
-        per_arm: dict[Arm, list[dict[str, Any]]] = {}
-        infeasible: dict[Arm, str] = {}
+        per_arm: dict[str, list[dict[str, Any]]] = {}  # by arm label
+        infeasible: dict[str, str] = {}
         for arm in arms(self.config):
             compressor = self._compressor(arm)
             reason = self._infeasible(compressor, arm)
             if reason:
-                infeasible[arm] = reason
+                infeasible[arm.label] = reason
                 print(f"tokenbench: {arm.label}: infeasible: {reason}", file=sys.stderr)
                 continue
-            per_arm[arm] = self.accuracy_pass(task, samples, arm, compressor) if self.accuracy else []
-        baseline_arm = arms(self.config)[0]
+            per_arm[arm.label] = self.accuracy_pass(task, samples, arm, compressor) if self.accuracy else []
+        baseline = per_arm.get(arms(self.config)[0].label, [])
         out = []
         for arm in arms(self.config):
-            if arm in infeasible:
-                record = self._infeasible_record(task, arm, infeasible[arm])
+            if arm.label in infeasible:
+                record = self._infeasible_record(task, arm, infeasible[arm.label])
             else:
                 compressor = self._compressor(arm)
-                efficiency = self.efficiency_pass(task, samples, per_arm[arm], arm, compressor)
-                record = self._run_record(task, arm, per_arm[arm], per_arm.get(baseline_arm, []), efficiency)
+                efficiency = self.efficiency_pass(task, samples, per_arm[arm.label], arm, compressor)
+                record = self._run_record(task, arm, per_arm[arm.label], baseline, efficiency)
             write_run_record(self.config.output, record)
             out.append(record)
         return out
@@ -299,18 +299,18 @@ class Harness:
         self._generate(prompts[:1], compressor, arm, task)  # warm-up
         runs: list[dict[str, float]] = []
         generated: list[int] = []
-        peaks: list[int] = []
         traces: list[TokenTrace] = []
         for _ in range(EFFICIENCY_REPEATS):
             for prompt in prompts:
-                timer, memory = Timer(self.device), PeakMemory(self.device)
-                with memory.measure(), timer.measure():
+                timer = Timer(self.device)
+                with timer.measure():
                     generation = self._generate([prompt], compressor, arm, task)[0]
                 runs.append(dict(generation.timings_ms) | {"end_to_end": timer.elapsed_ms})
                 generated.append(generation.trace.generated_tokens)
                 traces.append(generation.trace)
-                if memory.peak_bytes is not None:
-                    peaks.append(memory.peak_bytes)
+        memory = PeakMemory(self.device)  # apart from the timings: the CPU profiler slows the run
+        with memory.measure():
+            self._generate(prompts[:1], compressor, arm, task)
         flops = [flops_from_trace(self.arch, t) for t in traces[:len(prompts)]]
         realised = [t.realised_tokens for t in traces[:len(prompts)]]
         return {"latency_ms": summarise_latency(runs, generated), "flops": mean_flops(flops),
@@ -318,8 +318,8 @@ class Harness:
                 "n_visual": sum(t.n_visual for t in traces[:len(prompts)]) / len(prompts),
                 "kv_cache_bytes": sum(kv_cache_bytes(self.arch, t, self.dtype) for t in traces[:len(prompts)])
                 / len(prompts),
-                "peak_memory_bytes": max(peaks) if peaks else None,
-                "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "rss_high_water"}
+                "peak_memory_bytes": memory.peak_bytes,
+                "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "profiler_tensor_peak"}
 
     # ------------------------------------------------------------------------------ run records
     def _common(self, task: Task, arm: Arm) -> dict[str, Any]:
