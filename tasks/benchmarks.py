@@ -113,11 +113,12 @@ class GQA(HubTask):
     description = "GQA test-dev balanced (12578 questions); exact match after normalisation, percent"
 
     def rows(self) -> Any:
+        questions = super().rows()
         self._images = load_split(self.name, self.hub_id, self.images_config, self.split, self.data_dir)
         self.check_columns(self._images, ("id", "image"))
         image_ids = column_arrow(self._images, "id").to_pylist()
         self._image_position = {str(key): position for position, key in enumerate(image_ids)}
-        return super().rows()
+        return questions
 
     def image_loader(self, row: dict[str, Any], label: str) -> Callable[[], Image.Image]:
         image_id = str(row["imageId"])
