@@ -1,9 +1,9 @@
 """POPE scoring: yes/no reading and the per-split accuracy, precision, recall, F1 and yes-ratio.
 
-The reading follows the official POPE / LLaVA-1.5 evaluation: keep the first sentence, drop
-commas, and answer "no" when one of its words is "No", "no" or "not", otherwise "yes". Positive
-class = "yes". The yes-ratio is the share of *predicted* yes (the official definition; ~50% for a
-model without a bias, since every split is balanced).
+The reading follows the official POPE / LLaVA-1.5 evaluation (on the stripped generation, as
+LLaVA saves it): keep the first sentence, drop commas, and answer "no" when one of its words is
+"No", "no" or "not", otherwise "yes". Positive class = "yes". The yes-ratio is the share of
+*predicted* yes (the official definition; ~50% for an unbiased model, as every split is balanced).
 
 Scores are percentages. Token-compression tables (LLaVA-1.5: 85.9) report the F1 averaged over
 the three COCO splits random / popular / adversarial, which is the primary metric ``f1``.
@@ -20,7 +20,7 @@ NEGATIVE_WORDS = frozenset({"No", "no", "not"})
 
 def read_yes_no(prediction: str) -> str:
     """The official POPE reading of a free-form answer: "yes" or "no"."""
-    first_sentence = prediction.split(".")[0]
+    first_sentence = prediction.strip().split(".")[0]
     words = first_sentence.replace(",", "").split(" ")
     return "no" if NEGATIVE_WORDS.intersection(words) else "yes"
 

@@ -111,6 +111,7 @@ def test_choice_prompt_is_llava_format() -> None:
     ("There is not a dog in the image.", "no"), ("No, there is none.", "no"),
     ("Yes. No dog though.", "yes"),          # only the first sentence counts
     ("Nope", "yes"),                          # official rule: only the words No / no / not say no
+    ("No\n", "no"),
     ("", "yes"),
 ])
 def test_pope_reading(prediction: str, read: str) -> None:
