@@ -3,10 +3,10 @@
 A local copy (``data_dir``) is either a directory written by ``Dataset.save_to_disk`` or a
 directory of parquet files laid out like the hub repository (what ``huggingface-cli download
 <hub id> --repo-type dataset --local-dir DIR`` produces): ``DIR/<config>/<split>-*.parquet`` or
-``DIR/data/<split>-*.parquet``. One ``--data-dir`` can serve several benchmarks: each is also
-looked for in ``DIR/<hub repository name>`` (``DIR/POPE``, ``DIR/MME``, ...) and ``DIR/<task name>``.
-Both routes end in the same ``datasets.Dataset``, so everything after loading is one code path;
-rows are read without decoding images (:func:`raw_rows`).
+``DIR/data/<split>-*.parquet``. Both routes end in the same ``datasets.Dataset``, so everything
+after loading is one code path; rows are read without decoding images (:func:`raw_rows`).
+One ``--data-dir`` can serve several benchmarks: each is also looked for in
+``DIR/<hub repository name>`` (``DIR/POPE``, ``DIR/MME``, ...) and in ``DIR/<task name>``.
 
 Offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) is honoured by ``datasets`` itself; when
 it is off, the hub endpoint is probed with a short timeout first so that a machine without network
@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from PIL import Image
+
 from tokenbench.tasks.base import TaskDataError
 
 PROBE_TIMEOUT_S = 3.0
