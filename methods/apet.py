@@ -201,6 +201,14 @@ class ApET(TokenCompressor):
     offers it, else ``projector``) and on the LLM hidden states from ``stage2_layer`` on. The plan's
     ``keep`` at a site counts every token alive after it, appended basis tokens included. Merges are
     unweighted means as in the reference, so ``SiteInput.sizes`` is not used and no sizes are returned.
+
+    Reproducing the reference variants:
+
+    - LLaVA-1.5 / LLaVA-NeXT (``scripts/llava1_*``): the defaults; add ``basis_slots=reference`` for
+      the code's LLM-stage slot order. Budgets 192/128/64 give 288/96, 192/64, 96/32.
+    - Qwen2.5-VL (its LLM stage is disabled in the code): ``stage2=false basis_mode=blend
+      positions=original`` at budget ``30%``; the code keeps floor(0.3·N), the plan keeps round(0.3·N).
+    - Video-LLaVA: ``stage2=false basis_mode=append`` at 32 tokens per frame (22 merged + 10 basis).
     """
 
     name = "apet"
@@ -258,7 +266,7 @@ class ApET(TokenCompressor):
             basis_mode=opts.basis_mode, start=opts.fps_start, generator=x.generator,
             slot_order="error" if opts.basis_slots == "reference" and at_llm else "ascending")
         if out.keep.shape[1] == x.visual.shape[1]:
-            return Reduction(out.keep.clone())
+            return Reduction(out.keep)
         return Reduction(out.keep, out.values, out.extra)
 
     def _stage2_layer(self, info: ModelInfo) -> int:
@@ -300,7 +308,7 @@ def _unit_scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"apet: input contains {kind} values; ApET cannot rank tokens by reconstruction "
                          "error. Check the model upstream (fp16 overflow? run it in bf16 or fp32)")
     exponent = torch.frexp(peak).exponent - 1
-    exponent = torch.where((peak == 0) | (exponent.abs() <= 40), 0, exponent)
+    exponent = torch.where(exponent.abs() <= 40, 0, exponent)  # all-zero images: exponent -1 -> 0
     if not exponent.any():
         return x32, torch.ones_like(peak)
     scale = torch.ldexp(torch.ones_like(peak), exponent)
