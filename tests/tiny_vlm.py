@@ -6,8 +6,10 @@ decoder and 23 CLIP blocks up to the selected layer, with tiny widths so a prefi
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from tokenbench.adapters.base import Prompt
 LLAVA_BUDGETS = ("192", "128", "64")
 RATIO_BUDGETS = ("33.3%", "22.2%", "11.1%")
 _ROOT = Path(tempfile.mkdtemp(prefix="tokenbench-method-tests-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
 def _module(name: str):
