@@ -367,6 +367,9 @@ def test_save_to_disk_copy_is_read_too(tmp_path: Path) -> None:
     table = datasets.load_dataset("parquet", data_files=str(parquet), split="train")
     datasets.DatasetDict({"test": table}).save_to_disk(str(tmp_path / "saved"))
     assert len(list(Pope(data_dir=tmp_path / "saved").samples())) == 4
+    datasets.DatasetDict({"val": table}).save_to_disk(str(tmp_path / "other"))
+    with pytest.raises(TaskDataError, match=r"'pope': '.*other' has no split 'test' \(it has val\)"):
+        next(Pope(data_dir=tmp_path / "other").samples())
 
 
 def test_broken_rows_fail_their_sample_only(tmp_path: Path) -> None:
