@@ -1,0 +1,194 @@
+"""The harness end to end on a tiny random-weight LLaVA: records, faults, resume, output guard, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tokenbench.cli import cli
+from tokenbench.results import PUBLIC_FIELDS, SCHEMA_VERSION
+
+PLUGINS = Path(__file__).parent / "test_runner_plugins"
+
+
+def invoke(args: list[str], env: dict[str, str] | None = None):
+    runner = CliRunner()
+    return runner.invoke(cli, ["--plugins-dir", str(PLUGINS), *args], env=env or {}, catch_exceptions=False)
+
+
+def base_args(model: Path, output: Path, *extra: str) -> list[str]:
+    return ["run", "--model", str(model), "--tasks", "tiny", "--output", str(output), *extra]
+
+
+def samples(output: Path) -> list[dict]:
+    """The accuracy-pass records (the JSONL also holds one efficiency record per arm)."""
+    lines = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
+    return [record for record in lines if record["kind"] == "sample"]
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tiny_llava_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("faulty") / "out"
+    result = invoke(base_args(tiny_llava_dir, output, "--methods", "random,flaky", "--budgets", "64,5",
+                              "--limit", "6", "--json"),
+                    env={"TINY_FAULTS": "1", "TINY_SAMPLES": "3"})
+    assert result.exit_code == 0, result.output
+    return output, json.loads(result.stdout)
+
+
+def test_json_stdout_holds_every_public_record(faulty_run):
+    _, records = faulty_run
+    assert [(r["method"], r["budget"]) for r in records] == [
+        ("none", None), ("random", "64"), ("random", "5"), ("flaky", "64"), ("flaky", "5")]
+    for record in records:
+        assert set(PUBLIC_FIELDS) <= set(record)
+        assert record["schema_version"] == SCHEMA_VERSION
+        prov = record["provenance"]
+        for key in ("tokenbench", "git_sha", "torch", "transformers", "device", "dtype", "attention_backend",
+                    "seed", "options", "hardware"):
+            assert key in prov
+        assert prov["dtype"] == "float32" and prov["attention_backend"] == "sdpa" and prov["seed"] == 0
+
+
+def test_faulty_samples_are_recorded_and_the_run_goes_on(faulty_run):
+    output, records = faulty_run
+    by_arm = {(r["method"], r["budget"]): r for r in records}
+    baseline = by_arm[("none", None)]
+    assert baseline["n_samples"] == 6 and baseline["n_errors"] == 2
+    assert set(baseline["errors"]) == {"image", "context"}
+    errors = {s["sample_id"]: s["error"] for s in samples(output) if s["method"] == "none"}
+    assert "cannot identify image" in errors["broken"]
+    assert "more than the model's context of 2048" in errors["long"]
+    assert errors["s0"] is None and errors["boom"] is None
+    flaky = by_arm[("flaky", "64")]
+    assert flaky["n_errors"] == 3 and flaky["errors"]["RuntimeError"] == 1
+    assert flaky["score"] is not None and flaky["realised_tokens"] == 64.0
+
+
+def test_infeasible_budget_gives_a_record_with_the_reason(faulty_run):
+    _, records = faulty_run
+    flaky5 = next(r for r in records if r["method"] == "flaky" and r["budget"] == "5")
+    assert flaky5["infeasible"] == "flaky needs at least 10 tokens, asked 5"
+    assert flaky5["score"] is None and flaky5["n_samples"] == 0
+
+
+def test_measurements_and_statistics_in_the_records(faulty_run):
+    output, records = faulty_run
+    random64 = next(r for r in records if r["method"] == "random" and r["budget"] == "64")
+    assert random64["realised_tokens"] == 64.0 and random64["realised_ratio"] == pytest.approx(64 / 576)
+    assert random64["flops"]["formula"] == "full_flops" and random64["flops"]["fastv_macs"]["unit"] == "MAC"
+    assert 0 < random64["flops"]["prefill"] < records[0]["flops"]["prefill"]
+    assert random64["flash_attention"]["class"] == "native"
+    assert set(random64["latency_ms"]) >= {"vision", "prefill", "ttft", "decode_per_token", "end_to_end"}
+    assert random64["peak_memory_bytes"] > 0 and random64["kv_cache_bytes"] > 0
+    assert random64["n_paired"] == 4 and 0 <= random64["agreement"] <= 1
+    if random64["relative"] is not None:
+        low, high = random64["relative_ci"]
+        assert low <= random64["relative"] <= high
+    files = sorted(p.name for p in (output / "runs").glob("*.json"))
+    assert len(files) == 5 and all(json.loads((output / "runs" / f).read_text())["schema_version"] == 1
+                                   for f in files)
+
+
+def test_output_dir_of_other_arguments_or_schema_is_refused(faulty_run, tmp_path):
+    output, _ = faulty_run
+    result = invoke(base_args(Path(json.loads((output / "manifest.json").read_text())["arguments"]
+                                   ["model_location"]), output, "--methods", "random", "--budgets", "64"))
+    assert result.exit_code == 2
+    assert "holds results of a run with other arguments" in result.stderr
+    assert "use another --output or delete" in result.stderr
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    result = invoke(base_args(Path("."), stranger))
+    assert result.exit_code != 0
+
+
+def test_schema_version_mismatch_is_refused(tiny_llava_dir, tmp_path):
+    output = tmp_path / "old"
+    output.mkdir()
+    (output / "manifest.json").write_text(json.dumps({"schema_version": 0, "arguments": {}}))
+    result = invoke(base_args(tiny_llava_dir, output, "--methods", "random"))
+    assert result.exit_code == 2
+    assert "schema version 0" in result.stderr and "use another --output or delete" in result.stderr
+
+
+def test_model_config_runs_efficiency_only(tiny_llava_dir, tmp_path):
+    config = json.loads((tiny_llava_dir / "config.json").read_text())
+    path = tmp_path / "tiny-llava.json"
+    path.write_text(json.dumps(config | {"_name_or_path": "tiny-llava-shaped"}))
+    output = tmp_path / "eff"
+    result = invoke(["run", "--model-config", str(path), "--tasks", "tiny", "--methods", "random",
+                     "--budgets", "64", "--output", str(output), "--json"], env={"TINY_SAMPLES": "2"})
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [r["model"] for r in records] == ["tiny-llava-shaped (random weights)"] * 2
+    for record in records:
+        assert record["score"] is None and record["n_samples"] == 0
+        assert record["latency_ms"]["end_to_end"] > 0 and record["flops"]["prefill"] > 0
+    assert records[1]["realised_tokens"] == 64.0
+    bad = invoke(["run", "--model-config", str(tmp_path / "missing.json"), "--tasks", "tiny"])
+    assert bad.exit_code == 2 and "does not exist" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+def _cli_process(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from tokenbench.cli import main; main()",
+                             "--plugins-dir", str(PLUGINS), *args],
+                            env=os.environ | {"OMP_NUM_THREADS": "1"} | env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_run_resumes_without_recomputing_or_duplicating(tiny_llava_dir, tmp_path):
+    output, log = tmp_path / "resume", tmp_path / "scored.log"
+    args = base_args(tiny_llava_dir, output, "--methods", "random", "--budgets", "64", "--batch-size", "1",
+                     "--no-efficiency", "--json")
+    env = {"TINY_SAMPLES": "8", "TINY_SCORE_LOG": str(log), "TINY_SCORE_SLEEP": "0.15"}
+    process = _cli_process(args, env)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if (output / "samples.jsonl").exists() and len((output / "samples.jsonl").read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = samples(output)
+    assert 4 <= len(done_before) < 16, "the run finished before it could be killed"
+    with open(output / "samples.jsonl", "a") as handle:  # a record torn by the kill
+        handle.write('{"key": "' + "f" * 20)
+    log.write_text("")
+
+    resumed = _cli_process(args, env | {"TINY_SCORE_SLEEP": "0"})
+    stdout, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, stderr
+    assert "incomplete record(s) dropped" in stderr
+    final = samples(output)
+    keys = [r["key"] for r in final]
+    assert len(keys) == len(set(keys)) == 16
+    assert {r["key"] for r in done_before} <= set(keys)
+    assert sorted(log.read_text().split()) == sorted(r["sample_id"] for r in final
+                                                     if r["key"] not in {d["key"] for d in done_before})
+
+    log.write_text("")
+    again = _cli_process(args, env | {"TINY_SCORE_SLEEP": "0"})
+    stdout_again, stderr_again = again.communicate(timeout=120)
+    assert again.returncode == 0, stderr_again
+    assert log.read_text() == "" and len(samples(output)) == 16
+    assert json.loads(stdout_again) == json.loads(stdout)
+
+    fresh = invoke(base_args(tiny_llava_dir, tmp_path / "fresh", "--methods", "random", "--budgets", "64",
+                             "--no-efficiency", "--json"), env={"TINY_SAMPLES": "8"})
+    predictions = {(r["method"], r["sample_id"]): r["prediction"] for r in samples(output)}
+    assert predictions == {(r["method"], r["sample_id"]): r["prediction"] for r in samples(tmp_path / "fresh")}
+    for resumed_record, fresh_record in zip(json.loads(stdout), json.loads(fresh.stdout)):
+        assert resumed_record["metrics"] == fresh_record["metrics"]
+        assert resumed_record["flops"] == fresh_record["flops"]
