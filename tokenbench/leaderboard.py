@@ -56,7 +56,8 @@ def _flash(record: dict[str, Any]) -> str:
         return "—"
     text = fa.get("class", "—")
     if text == "probe":
-        text += f" ({fa.get('probe_rows', 0)} rows, +{fa.get('probe_ms', 0.0):.2f} ms)"
+        rows = fa.get("probe_rows", 0)
+        text += f" ({rows} row{'s' if rows != 1 else ''}, +{fa.get('probe_ms', 0.0):.2f} ms)"
     declared = fa.get("declared")
     if declared and declared != fa.get("class") and fa.get("class") != "fails":
         text += f" ≠ declared {declared}"
@@ -72,8 +73,7 @@ def _row(method: str, runs: Sequence[dict[str, Any]], tasks: Sequence[str], hard
     infeasible = [r["infeasible"] for r in runs if r.get("infeasible")]
     stages = ", ".join(first.get("stages") or []) or "—"
     if infeasible:
-        return [method, stages, "—", f"infeasible: {infeasible[0]}", *["—"] * len(tasks), "—", "—", "—", "—",
-                "—"]
+        return [method, stages, "—", "infeasible ¹", *["—"] * len(tasks), "—", "—", "—", "—", "—"]
     relative = _mean(r.get("relative") for r in runs)
     rel_text = _fmt(relative)
     if len(runs) == 1 and first.get("relative_ci") and first["method"] != BASELINE:
@@ -117,7 +117,10 @@ def _table(model: str, budget: str | None, runs: list[dict[str, Any]], baseline:
     headers = ["method", "stage(s)", "tokens ↓", "relative % ↑ [95% CI]",
                *[f"{t} ↑" for t in tasks], "TFLOPs prefill ↓", "TTFT ms ↓", "end-to-end ms ↓",
                "peak MiB ↓", "FlashAttention"]
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    notes = [f"¹ {m} at budget {budget}: {r['infeasible']}" for m in sorted(by_method)
+             for r in by_method[m][:1] if r.get("infeasible")]
+    return "\n\n".join([table, *notes])
 
 
 # ------------------------------------------------------------------------------------------ render

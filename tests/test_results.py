@@ -1,0 +1,93 @@
+"""Result records: keys, the JSONL store (torn lines), the output-directory guard, statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenbench.results import (OutputDirError, SampleStore, claim_output_dir, load_run_records, record_key,
+                                run_file_name, write_run_record)
+from tokenbench.stats import agreement, bootstrap_relative, compare
+
+
+def test_record_key_is_stable_and_sensitive():
+    base = dict(model="m", task="t", sample="s1", method="apet", options={"basis": 10}, budget="64", seed=0)
+    assert record_key(**base) == record_key(**dict(reversed(list(base.items()))))
+    for field, value in [("sample", "s2"), ("options", {"basis": 11}), ("budget", "128"), ("seed", 1)]:
+        assert record_key(**base | {field: value}) != record_key(**base)
+
+
+def test_store_appends_and_reloads(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    with SampleStore(path) as store:
+        store.append({"key": "a", "value": 1})
+        store.append({"key": "b", "value": 2})
+    with SampleStore(path) as store:
+        assert "a" in store and store.get("b") == {"key": "b", "value": 2} and store.dropped == 0
+
+
+def test_store_drops_a_torn_last_line_and_appends_cleanly(tmp_path, capsys):
+    path = tmp_path / "samples.jsonl"
+    path.write_text('{"key": "a", "value": 1}\n{"key": "b", "val')
+    with SampleStore(path) as store:
+        assert "a" in store and "b" not in store and store.dropped == 1
+        store.append({"key": "b", "value": 2})
+    assert "1 incomplete record(s) dropped" in capsys.readouterr().err
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["a", "b"]
+
+
+def test_output_dir_guard(tmp_path):
+    directory = tmp_path / "out"
+    claim_output_dir(directory, {"limit": 10})
+    claim_output_dir(directory, {"limit": 10})  # same arguments: resume
+    with pytest.raises(OutputDirError, match=r"other arguments \(limit: 10 -> 20\).*another --output or delete"):
+        claim_output_dir(directory, {"limit": 20})
+    manifest = json.loads((directory / "manifest.json").read_text())
+    (directory / "manifest.json").write_text(json.dumps(manifest | {"schema_version": 99}))
+    with pytest.raises(OutputDirError, match="schema version 99"):
+        claim_output_dir(directory, {"limit": 10})
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x.txt").write_text("x")
+    with pytest.raises(OutputDirError, match="not a tokenbench results directory"):
+        claim_output_dir(foreign, {})
+
+
+def test_run_records_round_trip(tmp_path):
+    record = {"schema_version": 1, "model": "m/x", "task": "t", "method": "apet", "budget": "11.1%", "score": 1.0}
+    path = write_run_record(tmp_path, record)
+    assert path.name == run_file_name("m/x", "t", "apet", "11.1%") == "m_x__t__apet__11.1pct.json"
+    assert [r for _, r in load_run_records([tmp_path])] == [record]
+
+
+def _records(correct: list[int], predictions: list[str]) -> list[dict]:
+    return [{"sample_id": f"s{i}", "scores": {"c": c}, "prediction": p, "error": None}
+            for i, (c, p) in enumerate(zip(correct, predictions))]
+
+
+def _aggregate(records):
+    return {"acc": 100.0 * sum(r["scores"]["c"] for r in records) / len(records)}
+
+
+def test_relative_agreement_and_paired_bootstrap():
+    baseline = _records([1, 1, 1, 1, 0, 1, 1, 1], list("abcdefgh"))
+    method = _records([1, 1, 0, 1, 0, 1, 1, 0], list("abxdefgy"))
+    result = compare(method, baseline, _aggregate, "acc", seed=0)
+    assert result["relative"] == pytest.approx(100 * 5 / 7)
+    assert result["agreement"] == pytest.approx(6 / 8)
+    low, high = result["relative_ci"]
+    assert low < result["relative"] < high <= 100.0
+    assert bootstrap_relative(method, baseline, _aggregate, "acc", seed=0) == result["relative_ci"]
+    assert bootstrap_relative(method, baseline, _aggregate, "acc", seed=1) != result["relative_ci"]
+
+
+def test_statistics_use_only_samples_that_succeeded_in_both():
+    baseline = _records([1, 1, 0], ["a", "b", "c"])
+    method = _records([1, 0, 0], ["a", "x", "c"])
+    method[0]["error"] = "image: broken"
+    result = compare(method, baseline, _aggregate, "acc", seed=0)
+    assert result["n_paired"] == 2 and result["relative"] == 0.0
+    assert agreement(method[1:], baseline[1:]) == 0.5
+    assert compare([], baseline, _aggregate, "acc", seed=0)["relative"] is None
