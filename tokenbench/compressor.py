@@ -105,7 +105,8 @@ class SiteInput:
     - ``attention`` [B, Q, N]: head-mean softmax attention from the requested queries (see
       ``TokenCompressor.attention_queries``) to the visual tokens, normalised over the whole sequence.
     - ``keys`` [B, N, Dk]: head-mean attention keys of the block the site runs before.
-    - ``text`` [B, T, Dt]: the text tokens that follow the image, as LLM input embeddings.
+    - ``text`` [B, T, Dt]: the text tokens that follow the image, in LLM space: their input embeddings
+      at pre-LLM stages, their hidden states entering the site's layer at ``llm`` sites.
     - ``cls_attention`` [B, N]: head-mean attention of the vision encoder's CLS query at the selected layer.
     - ``generator``: seeded by the harness; use it for any randomness.
     """
