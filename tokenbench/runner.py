@@ -133,19 +133,21 @@ class Harness:
     def run_task(self, task_name: str) -> list[dict[str, Any]]:
         task: Task = self.registry.task(task_name)(self.config.data_dir)
         samples = list(task.samples(self.config.limit))
-        per_arm: dict[str, list[dict[str, Any]]] = {}  # by arm label
-        infeasible: dict[str, str] = {}
+        live: list[tuple[Arm, TokenCompressor | None]] = []
+        infeasible: dict[str, str] = {}  # by arm label
         for arm in arms(self.config):
             compressor = self._compressor(arm)
             reason = self._infeasible(compressor, arm)
             if reason:
                 infeasible[arm.label] = reason
-                print(f"tokenbench: {arm.label}: infeasible: {reason}", file=sys.stderr)
-                continue
-            per_arm[arm.label] = self.accuracy_pass(task, samples, arm, compressor) if self.accuracy else []
+                tqdm.write(f"tokenbench: {arm.label}: infeasible: {reason}", file=sys.stderr)
+            else:
+                live.append((arm, compressor))
+        per_arm = self.accuracy_pass(task, samples, live) if self.accuracy else {a.label: [] for a, _ in live}
         baseline = per_arm.get(arms(self.config)[0].label, [])
         out = []
-        for arm in arms(self.config):
+        for arm in tqdm(arms(self.config), desc=f"{task.name} efficiency", unit="arm", file=sys.stderr,
+                        leave=False, dynamic_ncols=True):
             if arm.label in infeasible:
                 record = self._infeasible_record(task, arm, infeasible[arm.label])
             else:
@@ -172,28 +174,44 @@ class Harness:
         return None
 
     # ----------------------------------------------------------------------------- accuracy pass
-    def accuracy_pass(self, task: Task, samples: Sequence[Sample], arm: Arm,
-                      compressor: TokenCompressor | None) -> list[dict[str, Any]]:
-        keys = [self._key("sample", task, arm, s.id) for s in samples]
-        todo = [(s, k) for s, k in zip(samples, keys) if k not in self.store]
-        batch = self.config.batch_size if self.adapter.batchable(compressor) else 1
-        with tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"{task.name} {arm.label}",
-                  unit="sample", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
-            for chunk in _chunks(todo, batch):
-                for record in self._run_batch(task, arm, compressor, chunk):
-                    self.store.append(record)
-                bar.update(len(chunk))
-        return [self.store.get(k) for k in keys]  # type: ignore[misc]
+    def accuracy_pass(self, task: Task, samples: Sequence[Sample],
+                      live: Sequence[tuple[Arm, TokenCompressor | None]]) -> dict[str, list[dict[str, Any]]]:
+        """Every arm on every sample, chunk by chunk (each image is decoded once for all arms);
+        samples already in the store are skipped. Returns the records per arm label."""
+        keys = {arm.label: [self._key("sample", task, arm, s.id) for s in samples] for arm, _ in live}
+        done = sum(k in self.store for ks in keys.values() for k in ks)
+        with tqdm(total=len(samples) * len(live), initial=done, desc=f"{task.name} accuracy", unit="sample",
+                  file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+            for chunk in _chunks(range(len(samples)), self.config.batch_size):
+                prompts: dict[str, Prompt | str] = {}
+                for arm, compressor in live:
+                    todo = [(samples[i], keys[arm.label][i]) for i in chunk if keys[arm.label][i] not in self.store]
+                    size = len(todo) if self.adapter.batchable(compressor) else 1
+                    for batch in _chunks(todo, size or 1):
+                        for record in self._run_batch(task, arm, compressor, batch, prompts):
+                            self.store.append(record)
+                    bar.update(len(todo))
+        return {label: [self.store.get(k) for k in ks] for label, ks in keys.items()}  # type: ignore[misc]
+
+    def _prompt(self, sample: Sample, cache: dict[str, Prompt | str]) -> Prompt | str:
+        """The sample's prompt with its decoded image, or the decoding error (once per chunk)."""
+        if sample.id not in cache:
+            try:
+                cache[sample.id] = Prompt(sample.load_image(), sample.prompt)
+            except Exception as exc:  # a broken image fails its sample only
+                cache[sample.id] = f"image: {_describe(exc)}"
+        return cache[sample.id]
 
     def _run_batch(self, task: Task, arm: Arm, compressor: TokenCompressor | None,
-                   chunk: Sequence[tuple[Sample, str]]) -> list[dict[str, Any]]:
+                   chunk: Sequence[tuple[Sample, str]], prompts: dict[str, Prompt | str]) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = []
         ready: list[tuple[Sample, str, Prompt]] = []
         for sample, key in chunk:
-            try:
-                ready.append((sample, key, Prompt(sample.load_image(), sample.prompt)))
-            except Exception as exc:  # a broken image fails its sample only
-                records.append(self._error_record(task, arm, sample, key, f"image: {_describe(exc)}"))
+            prompt = self._prompt(sample, prompts)
+            if isinstance(prompt, str):
+                records.append(self._error_record(task, arm, sample, key, prompt))
+            else:
+                ready.append((sample, key, prompt))
         if not ready:
             return records
         try:
@@ -204,7 +222,7 @@ class Harness:
                 return records + [self._error_record(task, arm, sample, key, _describe(exc))]
             # isolate the failing sample(s): retry one by one
             for sample, key, _ in ready:
-                records += self._run_batch(task, arm, compressor, [(sample, key)])
+                records += self._run_batch(task, arm, compressor, [(sample, key)], prompts)
             return records
         for (sample, key, _), generation in zip(ready, generations):
             records.append(self._sample_record(task, arm, sample, key, generation))
