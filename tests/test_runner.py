@@ -192,3 +192,39 @@ def test_killed_run_resumes_without_recomputing_or_duplicating(tiny_llava_dir, t
     for resumed_record, fresh_record in zip(json.loads(stdout), json.loads(fresh.stdout)):
         assert resumed_record["metrics"] == fresh_record["metrics"]
         assert resumed_record["flops"] == fresh_record["flops"]
+
+
+SHRINK = {
+    "llava": lambda raw: raw | {
+        "text_config": raw["text_config"] | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=4),
+        "vision_config": raw["vision_config"] | dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=2)},
+    "qwen2_vl": lambda raw: raw | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                                       vision_config=raw["vision_config"] | dict(depth=2, embed_dim=32,
+                                                                                 num_heads=2, hidden_size=64)),
+}
+
+
+@pytest.mark.parametrize("name, n_visual", [("llava-1.5-7b", 576), ("qwen2-vl-2b", 144)])
+def test_shipped_configs_build_random_weight_models(tmp_path, name, n_visual):
+    """The shipped configs, narrowed to tiny widths (same model types, image sizes and token
+    placeholders), build a random-weight adapter with an offline processor that generates."""
+    import torch
+    from PIL import Image
+
+    import tokenbench
+    from tokenbench.adapters.base import Prompt
+    from tokenbench.plugins import load_registry
+    from tokenbench.random_model import config_model_ref, random_weight_adapter
+
+    raw = json.loads((Path(tokenbench.__file__).parent / "configs" / f"{name}.json").read_text())
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(SHRINK[raw["model_type"]](raw)))
+    registry = load_registry()
+    assert config_model_ref(path, registry).name.endswith("(random weights)")
+    adapter = random_weight_adapter(path, registry, dtype=torch.float32, attn="sdpa", device=torch.device("cpu"))
+    trace = adapter.generate([Prompt(Image.new("RGB", (336, 336)), "what color ?")], max_new_tokens=2)[0].trace
+    assert trace.n_visual == n_visual and trace.llm_visual == [n_visual, n_visual]

@@ -31,6 +31,8 @@ formula to the vision encoder blocks for reference; its ``prefill`` is the LLM o
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -229,8 +231,14 @@ class PeakMemory:
             return
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with _silent_stderr_fd():  # kineto logs its start and stop on file descriptor 2
+            profiler.start()
+        try:
             yield
+        finally:
+            with _silent_stderr_fd():
+                profiler.stop()
         events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
                         if e.name() == "[memory]")
         running = peak = 0
@@ -238,6 +246,19 @@ class PeakMemory:
             running += nbytes
             peak = max(peak, running)
         self.peak_bytes = peak
+
+
+@contextlib.contextmanager
+def _silent_stderr_fd() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # ------------------------------------------------------------------------------------ flash attention

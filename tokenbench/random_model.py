@@ -75,7 +75,7 @@ def random_weight_adapter(path: Path, registry: Registry, *, dtype: torch.dtype,
 
 def _processor(raw: dict[str, Any]) -> tuple[Any, dict[str, int]]:
     if raw["model_type"] == "llava":
-        from transformers import CLIPImageProcessor, LlavaProcessor
+        from transformers import CLIPImageProcessorPil, LlavaProcessor
 
         vision = raw["vision_config"]
         size, patch = vision.get("image_size", 336), vision.get("patch_size", 14)
@@ -83,14 +83,14 @@ def _processor(raw: dict[str, Any]) -> tuple[Any, dict[str, int]]:
                                          chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN),
                                          extra_attributes={"image_token": LLAVA_IMAGE_TOKEN})
         processor = LlavaProcessor(
-            image_processor=CLIPImageProcessor(size={"shortest_edge": size},
+            image_processor=CLIPImageProcessorPil(size={"shortest_edge": size},
                                                crop_size={"height": size, "width": size}),
             tokenizer=tokenizer, patch_size=patch,
             vision_feature_select_strategy=raw.get("vision_feature_select_strategy", "default"),
             num_additional_image_tokens=1, chat_template=tokenizer.chat_template)
         return processor, {"image_token_id": tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
                            "pad_token_id": tokenizer.pad_token_id}
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
     tokenizer = word_level_tokenizer(DEFAULT_WORDS, special_tokens=QWEN_SPECIAL,
                                      chat_template=simple_chat_template(
@@ -99,8 +99,13 @@ def _processor(raw: dict[str, Any]) -> tuple[Any, dict[str, int]]:
                                                        "video_token": "<|video_pad|>",
                                                        "vision_start_token": "<|vision_start|>",
                                                        "vision_end_token": "<|vision_end|>"})
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
-                                 chat_template=tokenizer.chat_template)
+    try:
+        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
+                                     chat_template=tokenizer.chat_template)
+    except (ImportError, AttributeError):  # it insists on a video processor, which needs torchvision
+        from tokenbench.adapters.qwen2_vl import ProcessorParts
+
+        processor = ProcessorParts(tokenizer, Qwen2VLImageProcessorPil())
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
     return processor, {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
                        "vision_start_token_id": ids["<|vision_start|>"],
