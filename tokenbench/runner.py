@@ -98,7 +98,7 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
         raise ConfigError(f"--device {config.device}: CUDA is not available here; use --device cpu")
     claim_output_dir(config.output, run_arguments(config, accuracy) | {"random_weights": random_weights})
     adapter = load_adapter(config, registry, random_weights)
-    harness = Harness(config, registry, adapter, accuracy=accuracy)
+    harness = Harness(config, registry, adapter, accuracy=accuracy, random_weights=random_weights)
     records: list[dict[str, Any]] = []
     with SampleStore(config.output / "samples.jsonl") as store:
         harness.store = store
@@ -111,9 +111,9 @@ class Harness:
     """The passes of one run over one loaded adapter."""
 
     def __init__(self, config: RunConfig, registry: Registry, adapter: VLMAdapter, *,
-                 accuracy: bool = True) -> None:
+                 accuracy: bool = True, random_weights: bool = False) -> None:
         self.config, self.registry, self.adapter = config, registry, adapter
-        self.accuracy = accuracy
+        self.accuracy, self.random_weights = accuracy, random_weights
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
         self.store: SampleStore
@@ -289,7 +289,7 @@ class Harness:
                          task: Task) -> dict[str, Any]:
         result = flash_sdpa_probe(lambda: self._generate([prompt], compressor, arm, task), self.arch)
         result["declared"] = compressor.flash_attention if compressor is not None else "native"
-        if flash_attn_available() and self.device.type == "cuda":
+        if flash_attn_available() and self.device.type == "cuda" and not self.random_weights:
             result["flash_attention_2"] = self._flash_attention_2(prompt, compressor, arm, task)
         return result
 
@@ -340,17 +340,23 @@ class Harness:
                 "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "profiler_tensor_peak"}
 
     # ------------------------------------------------------------------------------ run records
-    def _common(self, task: Task, arm: Arm) -> dict[str, Any]:
+    def _common(self, task: Task, arm: Arm, records: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "model": self.config.model.name, "task": task.name,
                 "method": arm.spec.name, "budget": arm.budget.label if arm.budget else None,
-                "stages": self._stages(arm),
+                "stages": self._stages(arm, records),
                 "primary_metric": task.primary_metric, "metric_scale": task.metric_scale,
                 "provenance": provenance(device=self.device, dtype=self.config.dtype, attn=self.config.attn,
                                          seed=self.config.seed, options=arm.spec.options,
-                                         model_location=self.config.model.location)}
+                                         model_location=self.config.model.location)
+                | {"limit": self.config.limit, "max_new_tokens": task.max_new_tokens,
+                   "batch_size": self.config.batch_size, "random_weights": self.random_weights}}
 
-    def _stages(self, arm: Arm) -> list[str]:
-        return [] if arm.budget is None else [str(s) for s in self.registry.compressor(arm.spec.name).stages]
+    def _stages(self, arm: Arm, records: Sequence[dict[str, Any]]) -> list[str]:
+        """The stages the method actually acted at (from the traces' plans), else those it declares."""
+        if arm.budget is None:
+            return []
+        used = [stage for r in records if r.get("trace") for stage, _, _ in r["trace"]["plan"]]
+        return list(dict.fromkeys(used)) or [str(s) for s in self.registry.compressor(arm.spec.name).stages]
 
     def _infeasible_record(self, task: Task, arm: Arm, reason: str) -> dict[str, Any]:
         return self._common(task, arm) | {
@@ -374,7 +380,7 @@ class Harness:
             if r.get("error"):
                 kind = r["error"].split(":", 1)[0]
                 errors[kind] = errors.get(kind, 0) + 1
-        return self._common(task, arm) | {
+        return self._common(task, arm, ok) | {
             "score": score, "metrics": metrics, **stats,
             "realised_tokens": realised, "realised_ratio": realised / n_visual if realised and n_visual else None,
             "n_visual": n_visual, "flops": mean_flops([r["flops"] for r in ok]) or efficiency.get("flops"),
