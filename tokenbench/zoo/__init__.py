@@ -1,1 +1,14 @@
-"""The embedded default model(s): training code and small checkpoints shipped as package data."""
+"""The embedded default model(s): training code and small checkpoints shipped as package data.
+
+``EMBEDDED`` maps a model name to its checkpoint directory inside the package; the directory loads
+with ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained`` like
+any hub checkpoint. ``python -m tokenbench.zoo.train`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+DEFAULT_MODEL = "tiny-llava-shapes"
+EMBEDDED: dict[str, Path] = {DEFAULT_MODEL: CHECKPOINTS / DEFAULT_MODEL}
