@@ -17,8 +17,15 @@ import tokenbench
 from tokenbench.adapters.base import Generation, Prompt, TokenTrace
 from tokenbench.budget import Budget
 from tokenbench.compressor import Architecture
-from tokenbench.measure import (PeakMemory, fastv_macs, flash_sdpa_probe, full_flops, kv_cache_bytes,
-                                llm_prefill_macs, summarise_latency)
+from tokenbench.measure import (
+    PeakMemory,
+    fastv_macs,
+    flash_sdpa_probe,
+    full_flops,
+    kv_cache_bytes,
+    llm_prefill_macs,
+    summarise_latency,
+)
 from tokenbench.plugins import load_registry
 
 CONFIGS = Path(tokenbench.__file__).parent / "configs"

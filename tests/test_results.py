@@ -6,13 +6,21 @@ import json
 
 import pytest
 
-from tokenbench.results import (OutputDirError, SampleStore, claim_output_dir, load_run_records, record_key,
-                                run_file_name, write_run_record)
+from tokenbench.results import (
+    OutputDirError,
+    SampleStore,
+    claim_output_dir,
+    load_run_records,
+    record_key,
+    run_file_name,
+    write_run_record,
+)
 from tokenbench.stats import agreement, bootstrap_relative, compare
 
 
 def test_record_key_is_stable_and_sensitive():
-    base = dict(model="m", task="t", sample="s1", method="apet", options={"basis": 10}, budget="64", seed=0)
+    base = {"model": "m", "task": "t", "sample": "s1", "method": "apet", "options": {"basis": 10},
+            "budget": "64", "seed": 0}
     assert record_key(**base) == record_key(**dict(reversed(list(base.items()))))
     for field, value in [("sample", "s2"), ("options", {"basis": 11}), ("budget", "128"), ("seed", 1)]:
         assert record_key(**base | {field: value}) != record_key(**base)

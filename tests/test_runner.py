@@ -196,15 +196,14 @@ def test_killed_run_resumes_without_recomputing_or_duplicating(tiny_llava_dir, t
 
 SHRINK = {
     "llava": lambda raw: raw | {
-        "text_config": raw["text_config"] | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=4),
-        "vision_config": raw["vision_config"] | dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                     num_attention_heads=2)},
-    "qwen2_vl": lambda raw: raw | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2,
-                                       rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                                       vision_config=raw["vision_config"] | dict(depth=2, embed_dim=32,
-                                                                                 num_heads=2, hidden_size=64)),
+        "text_config": raw["text_config"] | {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                             "num_attention_heads": 4, "num_key_value_heads": 4},
+        "vision_config": raw["vision_config"] | {"hidden_size": 32, "intermediate_size": 64,
+                                                 "num_hidden_layers": 2, "num_attention_heads": 2}},
+    "qwen2_vl": lambda raw: raw | {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "vision_config": raw["vision_config"] | {"depth": 2, "embed_dim": 32, "num_heads": 2, "hidden_size": 64}},
 }
 
 

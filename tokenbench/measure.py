@@ -34,8 +34,9 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -282,7 +283,7 @@ def flash_sdpa_probe(generate: Callable[[], Sequence[Any]], arch: Architecture) 
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             generation = generate()[0]
-    except Exception as exc:  # any failure under the forced kernel is the finding
+    except Exception as exc:  # noqa: BLE001 -- any failure under the forced kernel is the finding
         return {"class": "fails", "backend": "sdpa:flash", "error": f"{type(exc).__name__}: {exc}"}
     trace = generation.trace
     result: dict[str, Any] = {"class": classify_flash_attention(trace), "backend": "sdpa:flash",

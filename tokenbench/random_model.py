@@ -21,8 +21,13 @@ from tokenbench.adapters.base import VLMAdapter
 from tokenbench.config import ConfigError
 from tokenbench.models import ModelRef
 from tokenbench.plugins import Registry
-from tokenbench.tiny_models import (DEFAULT_WORDS, LLAVA_IMAGE_TOKEN, QWEN_SPECIAL, simple_chat_template,
-                                    word_level_tokenizer)
+from tokenbench.tiny_models import (
+    DEFAULT_WORDS,
+    LLAVA_IMAGE_TOKEN,
+    QWEN_SPECIAL,
+    simple_chat_template,
+    word_level_tokenizer,
+)
 
 SUPPORTED = ("llava", "qwen2_vl")
 

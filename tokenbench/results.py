@@ -19,8 +19,9 @@ import platform
 import re
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -108,7 +109,7 @@ class SampleStore:
         self.records: dict[str, dict[str, Any]] = {}
         self.dropped = 0
         self._load()
-        self._handle = open(self.path, "a", encoding="utf-8")
+        self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed by close()
 
     def _load(self) -> None:
         if not self.path.exists():
@@ -146,10 +147,10 @@ class SampleStore:
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> SampleStore:
+    def __enter__(self) -> SampleStore:  # noqa: PYI034
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

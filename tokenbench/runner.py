@@ -15,9 +15,10 @@ cannot meet (``Infeasible``) gives a run record with the reason.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -27,11 +28,25 @@ from tokenbench.adapters.base import Generation, Prompt, TokenTrace, VLMAdapter
 from tokenbench.budget import Budget
 from tokenbench.compressor import Infeasible, TokenCompressor
 from tokenbench.config import ConfigError, MethodSpec, RunConfig
-from tokenbench.measure import (PeakMemory, Timer, flash_attn_available, flash_sdpa_probe, flops_from_trace,
-                                kv_cache_bytes, mean_flops, summarise_latency)
+from tokenbench.measure import (
+    PeakMemory,
+    Timer,
+    flash_attn_available,
+    flash_sdpa_probe,
+    flops_from_trace,
+    kv_cache_bytes,
+    mean_flops,
+    summarise_latency,
+)
 from tokenbench.plugins import Registry
-from tokenbench.results import (SCHEMA_VERSION, SampleStore, claim_output_dir, provenance, record_key,
-                                write_run_record)
+from tokenbench.results import (
+    SCHEMA_VERSION,
+    SampleStore,
+    claim_output_dir,
+    provenance,
+    record_key,
+    write_run_record,
+)
 from tokenbench.stats import compare
 from tokenbench.tasks.base import Sample, Task
 
@@ -198,7 +213,7 @@ class Harness:
         if sample.id not in cache:
             try:
                 cache[sample.id] = Prompt(sample.load_image(), sample.prompt)
-            except Exception as exc:  # a broken image fails its sample only
+            except Exception as exc:  # noqa: BLE001 -- a broken image fails its sample only
                 cache[sample.id] = f"image: {_describe(exc)}"
         return cache[sample.id]
 
@@ -216,7 +231,7 @@ class Harness:
             return records
         try:
             generations = self._generate([p for _, _, p in ready], compressor, arm, task)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- recorded in the sample's record; the run goes on
             if len(ready) == 1:
                 sample, key, _ = ready[0]
                 return records + [self._error_record(task, arm, sample, key, _describe(exc))]
@@ -253,7 +268,7 @@ class Harness:
                                       f"the model's context of {self.max_context}")
         try:
             scores = task.score(sample, generation.text)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- recorded in the sample's record; the run goes on
             return self._error_record(task, arm, sample, key, f"score: {_describe(exc)}")
         return self._base_record(task, arm, sample, key) | {
             "prediction": generation.text, "scores": scores, "error": None, "trace": trace.to_dict(),
@@ -280,7 +295,7 @@ class Harness:
             if self.config.efficiency:
                 try:
                     result |= self._time(prompts, compressor, arm, task)
-                except Exception as exc:  # recorded; the accuracy results stand
+                except Exception as exc:  # noqa: BLE001 -- recorded; the accuracy results stand
                     result["error"] = _describe(exc)
         self.store.append(result)
         return result
@@ -305,7 +320,7 @@ class Harness:
                 generation = self._fa2_adapter.generate([prompt], compressor=compressor, budget=arm.budget,
                                                         max_new_tokens=task.max_new_tokens,
                                                         seed=self.config.seed)[0]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- recorded in the sample's record; the run goes on
             return {"class": "fails", "error": _describe(exc)}
         from tokenbench.measure import classify_flash_attention
 

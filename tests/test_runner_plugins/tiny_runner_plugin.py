@@ -13,10 +13,10 @@ import time
 
 import torch
 from PIL import Image
+from tokenbench.tasks.base import Sample
 
 import tokenbench
 from tokenbench import Infeasible, Reduction, Site, Stage, Task, TokenCompressor
-from tokenbench.tasks.base import Sample
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (40, 60, 220)}
 
