@@ -7,7 +7,32 @@ An output directory holds
 - ``samples.jsonl``: one line per finished sample (accuracy pass) or per finished efficiency
   measurement, each with a ``key`` hashed from everything that determines its output; a rerun skips
   every key already there, so nothing finished is recomputed;
-- ``runs/<model>__<task>__<method>__<budget>.json``: one public run record each (see README).
+- ``runs/<model>__<task>__<method>__<budget>.json``: one public run record each.
+
+Public, stable fields of a run record (``SCHEMA_VERSION`` changes when one of them changes meaning):
+
+- ``schema_version``; ``model`` (the name given to ``--model``); ``task``; ``method``; ``budget``
+  (the label given, ``"64"`` or ``"11.1%"``; null for the uncompressed baseline ``none``);
+- ``score``: the task's primary metric; ``metrics``: everything ``Task.aggregate`` returned, both over
+  the samples without errors;
+- ``relative``: score as a percentage of the baseline's on the samples both got right of errors,
+  with ``relative_ci`` (paired bootstrap, 95%, seeded) and ``agreement`` (share of identical answers);
+- ``realised_tokens``: layer-averaged visual tokens the decoder processed (mean over samples, from
+  the trace); ``realised_ratio``: the same over the image's visual-token count;
+- ``flops``: mean per sample, ``formula: "full_flops"`` in FLOP with ``prefill`` (vision + projector +
+  LLM prefill + LM head on the last token + probe rows) and ``decode``, the parts, and the FastV
+  paper's count under ``fastv_macs`` (MAC, LLM only) — see :mod:`tokenbench.measure`;
+- ``latency_ms``: medians of batch-1 runs (``vision``, ``prefill``, ``ttft``, ``decode_per_token``,
+  ``end_to_end``, ``repeats``); ``peak_memory_bytes`` (with ``peak_memory_kind``);
+- ``flash_attention``: ``class`` measured under the forced flash SDPA kernel (native / probe / eager
+  / fails) with ``declared``, ``probe_rows``, ``probe_ms``, and ``flash_attention_2`` where run;
+- ``n_samples``, ``n_errors`` (with ``errors`` by kind), ``infeasible`` (the method's reason, or null);
+- ``provenance``: tokenbench version and git sha, torch / transformers / python versions, device
+  name and type, hardware fingerprint, threads, dtype, attention backend, seed, method options,
+  model location, limit, max_new_tokens, batch size, random weights.
+
+Extra fields (``stages``, ``n_visual``, ``kv_cache_bytes``, ``n_paired``, ``primary_metric``, ...) are
+informative and may change.
 """
 
 from __future__ import annotations
