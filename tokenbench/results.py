@@ -15,7 +15,7 @@ Public, stable fields of a run record (``SCHEMA_VERSION`` changes when one of th
   (the label given, ``"64"`` or ``"11.1%"``; null for the uncompressed baseline ``none``);
 - ``score``: the task's primary metric; ``metrics``: everything ``Task.aggregate`` returned, both over
   the samples without errors;
-- ``relative``: score as a percentage of the baseline's on the samples both got right of errors,
+- ``relative``: score as a percentage of the baseline's on the samples where neither run failed,
   with ``relative_ci`` (paired bootstrap, 95%, seeded) and ``agreement`` (share of identical answers);
 - ``realised_tokens``: layer-averaged visual tokens the decoder processed (mean over samples, from
   the trace); ``realised_ratio``: the same over the image's visual-token count;
