@@ -1,5 +1,11 @@
 """tokenbench: benchmark suite and plugin registry for visual-token compression in VLMs."""
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other processes, spinning
+# threads made small-model runs up to 40x slower. Must be set before torch loads; override freely.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from tokenbench.budget import Budget
 from tokenbench.compressor import (
     Architecture,
