@@ -227,3 +227,13 @@ def test_shipped_configs_build_random_weight_models(tmp_path, name, n_visual):
     adapter = random_weight_adapter(path, registry, dtype=torch.float32, attn="sdpa", device=torch.device("cpu"))
     trace = adapter.generate([Prompt(Image.new("RGB", (336, 336)), "what color ?")], max_new_tokens=2)[0].trace
     assert trace.n_visual == n_visual and trace.llm_visual == [n_visual, n_visual]
+
+
+def test_a_model_that_cannot_load_is_a_one_line_error(tmp_path):
+    model = tmp_path / "empty-llava"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    result = invoke(base_args(model, tmp_path / "out", "--methods", "random"))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"tokenbench: error: cannot load model '{model}'")
+    assert len(result.stderr.strip().splitlines()) == 1

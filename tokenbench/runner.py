@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import tokenbench
-from tokenbench.adapters.base import Generation, Prompt, TokenTrace, VLMAdapter
+from tokenbench.adapters.base import AdapterError, Generation, Prompt, TokenTrace, VLMAdapter
 from tokenbench.budget import Budget
 from tokenbench.compressor import Infeasible, TokenCompressor
 from tokenbench.config import ConfigError, MethodSpec, RunConfig
@@ -112,7 +112,11 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {config.device}: CUDA is not available here; use --device cpu")
     claim_output_dir(config.output, run_arguments(config, accuracy) | {"random_weights": random_weights})
-    adapter = load_adapter(config, registry, random_weights)
+    try:
+        adapter = load_adapter(config, registry, random_weights)
+    except (OSError, AdapterError, ValueError) as exc:  # missing files, offline hub id, bad config
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load model '{config.model.name}': {first}") from None
     harness = Harness(config, registry, adapter, accuracy=accuracy, random_weights=random_weights)
     records: list[dict[str, Any]] = []
     with SampleStore(config.output / "samples.jsonl") as store:
