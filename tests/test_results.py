@@ -99,3 +99,10 @@ def test_statistics_use_only_samples_that_succeeded_in_both():
     assert result["n_paired"] == 2 and result["relative"] == 0.0
     assert agreement(method[1:], baseline[1:]) == 0.5
     assert compare([], baseline, _aggregate, "acc", seed=0)["relative"] is None
+
+
+def test_a_second_writer_on_the_same_directory_is_refused(tmp_path):
+    with SampleStore(tmp_path / "samples.jsonl"), \
+            pytest.raises(OutputDirError, match="another tokenbench run is writing"):
+        SampleStore(tmp_path / "samples.jsonl")
+    SampleStore(tmp_path / "samples.jsonl").close()  # free again once the first one closed

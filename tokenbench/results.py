@@ -51,6 +51,11 @@ from typing import Any
 import torch
 
 import tokenbench
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None
 from tokenbench.config import ConfigError
 
 SCHEMA_VERSION = 1
@@ -133,8 +138,15 @@ class SampleStore:
         self.path = path
         self.records: dict[str, dict[str, Any]] = {}
         self.dropped = 0
-        self._load()
         self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed by close()
+        try:
+            if fcntl is not None:  # POSIX: one writer per output directory
+                fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._handle.close()
+            raise OutputDirError(f"another tokenbench run is writing to '{path.parent}'; wait for it to "
+                                 f"finish or use another --output") from None
+        self._load()
 
     def _load(self) -> None:
         if not self.path.exists():
