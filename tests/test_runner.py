@@ -224,6 +224,7 @@ def test_shipped_configs_build_random_weight_models(tmp_path, name, n_visual):
     path.write_text(json.dumps(SHRINK[raw["model_type"]](raw)))
     registry = load_registry()
     assert config_model_ref(path, registry).name.endswith("(random weights)")
+    assert config_model_ref(name, registry).location.endswith(f"configs/{name}.json")  # shipped by name
     adapter = random_weight_adapter(path, registry, dtype=torch.float32, attn="sdpa", device=torch.device("cpu"))
     trace = adapter.generate([Prompt(Image.new("RGB", (336, 336)), "what color ?")], max_new_tokens=2)[0].trace
     assert trace.n_visual == n_visual and trace.llm_visual == [n_visual, n_visual]

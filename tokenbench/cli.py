@@ -167,9 +167,10 @@ def models(ctx: click.Context) -> None:
               help="Also run the batch-1 timing pass.")
 @click.option("--accuracy/--no-accuracy", default=True, show_default=True,
               help="Run the accuracy pass; --no-accuracy times the methods only.")
-@click.option("--model-config", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+@click.option("--model-config", default=None, metavar="PATH|NAME",
               help="Efficiency only: build the model from an HF config.json with random weights (no "
-                   "checkpoint; implies --no-accuracy), e.g. tokenbench/configs/llava-1.5-7b.json.")
+                   "checkpoint; implies --no-accuracy): a path, or a shipped config: llava-1.5-7b, "
+                   "qwen2-vl-2b.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result records as JSON at the end.")
 @click.pass_context
 def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, tasks_text: str,
@@ -196,7 +197,7 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         if not efficiency:
             raise ConfigError("--model-config has random weights, so it only times methods; drop "
                               "--no-efficiency")
-        model_ref = config_model_ref(Path(model_config), registry)
+        model_ref = config_model_ref(model_config, registry)
         accuracy = False
     else:
         model_ref = resolve_model(model or default_model(), registry)

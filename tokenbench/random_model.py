@@ -1,7 +1,7 @@
 """Efficiency-only models: an HF ``config.json`` instantiated with random weights (no checkpoint).
 
 Timings, memory and FLOPs depend on the model's shapes, not its weights, so ``tokenbench run
---model-config tokenbench/configs/llava-1.5-7b.json`` can time LLaVA-1.5-7B-shaped prefill without
+--model-config llava-1.5-7b`` (a shipped config, or any config.json path) can time LLaVA-1.5-7B-shaped prefill without
 downloading 14 GB. The weights are created directly on the target device in the target dtype. The
 processor is built offline: the family's stock image processor with the config's image size and a
 small word-level tokenizer (from :mod:`tokenbench.tiny_models`) whose image placeholder ids are
@@ -32,10 +32,25 @@ from tokenbench.tiny_models import (
 SUPPORTED = ("llava", "qwen2_vl")
 
 
+SHIPPED = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED.glob("*.json"))
+
+
+def config_path(text: str | Path) -> Path:
+    """``--model-config``: a config.json path, or the name of a shipped config (``llava-1.5-7b``)."""
+    path = Path(text)
+    if not path.is_file() and (SHIPPED / f"{text}.json").is_file():
+        return SHIPPED / f"{text}.json"
+    return path
+
+
 def read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"--model-config '{path}' does not exist; give an HF config.json, e.g. "
-                          f"tokenbench/configs/llava-1.5-7b.json")
+        raise ConfigError(f"--model-config '{path}' does not exist; give an HF config.json or a shipped "
+                          f"config: {', '.join(shipped_configs())}")
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -46,8 +61,9 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def config_model_ref(path: Path, registry: Registry) -> ModelRef:
+def config_model_ref(path: str | Path, registry: Registry) -> ModelRef:
     """A :class:`ModelRef` for ``--model-config`` (checked before anything loads)."""
+    path = config_path(path)
     config = read_config(path)
     try:
         registry.adapter_for(config["model_type"])
