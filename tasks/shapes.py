@@ -175,13 +175,16 @@ def _object_size(rng: random.Random) -> int:
     return rng.randint(65, 110)
 
 
-def _place(rng: random.Random, specs: Sequence[tuple[str, str]], seed: int) -> Scene | None:
+def _place(rng: random.Random, specs: Sequence[tuple[str, str]], seed: int,
+           min_size: int | None = None) -> Scene | None:
     """Places shapes (shape, colour) and one letter without overlap; None when they do not fit."""
     boxes: list[tuple[int, int, int, int]] = []
     objects: list[Shape] = []
     for shape, colour in specs:
         for attempt in range(40):
             size = _object_size(rng) if attempt < 20 else rng.randint(22, 36)
+            if min_size is not None:
+                size = rng.randint(min_size, 110)
             half = size // 2
             obj = Shape(shape, colour, rng.randint(half + 2, IMAGE_SIZE - size + half - 2),
                         rng.randint(half + 2, IMAGE_SIZE - size + half - 2), size)
@@ -293,13 +296,19 @@ def ask(family: str, scene: Scene, rng: random.Random, focus: Any = None) -> tup
     return "what letter is in the image?", scene.letter.char.lower(), {}
 
 
-def make_scene(split: int, index: int, family: str) -> tuple[Scene, random.Random, Any]:
-    """A scene built for ``family``, the generator to ask questions with, and the asker's focus."""
+def make_scene(split: int, index: int, family: str, max_objects: int | None = None
+               ) -> tuple[Scene, random.Random, Any]:
+    """A scene built for ``family``, the generator to ask questions with, and the asker's focus.
+
+    ``max_objects`` (a training curriculum) keeps at most that many shapes, drawn large (≥ 56 px).
+    """
     for attempt in range(100):
         seed = (split * 1_000_003 + index) * 101 + attempt
         rng = random.Random(seed)
         specs, focus = _scene_specs(family, rng)
-        scene = _place(rng, specs, seed)
+        if max_objects is not None:
+            specs, focus = specs[:max_objects], None
+        scene = _place(rng, specs, seed, min_size=56 if max_objects is not None else None)
         if scene is not None:
             return scene, rng, focus
     raise RuntimeError(f"could not place a {family} scene for split {split}, index {index}")

@@ -43,6 +43,10 @@ VISION_SPLIT, LANGUAGE_SPLIT, VALIDATION_SPLIT = 1, 2, 3
 # heads of the dense vision objective: classes per patch (index 0 = nothing there)
 DENSE_HEADS = {"colour": len(shapes.COLOURS) + 1, "shape": len(shapes.SHAPES) + 2,
                "letter": len(shapes.LETTERS) + 1, "centre": 2}
+CURRICULUM = ((0.15, 1), (0.35, 2))  # (fraction of language steps, max objects per scene)
+# background patches reaching the decoder grow from 5% to all over this fraction of language steps:
+# with few distractors the decoder learns quickly where to look, then learns to ignore the rest
+BACKGROUND_RAMP = 0.5
 MIN_PATCH_PIXELS = 24  # pixels an object needs inside a 28×28 patch to label it
 
 
@@ -183,14 +187,47 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
     return accuracy
 
 
+def fit_probe(model: LlavaForConditionalGeneration, steps: int = 40, batch: int = 32, lr: float = 1e-2,
+              log: Callable[[str], None] = print) -> torch.nn.ModuleDict:
+    """Linear heads for the dense labels on the frozen tower's features (a linear probe)."""
+    width = model.config.vision_config.hidden_size
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in DENSE_HEADS.items()})
+    optimiser = torch.optim.Adam(heads.parameters(), lr=lr)
+    for step in range(steps):
+        scenes = _scenes(VISION_SPLIT, 10_000_000 + step * batch, batch)
+        with torch.no_grad():
+            features = vision_features(model, pixel_values([shapes.render(s) for s in scenes]))
+        labels = torch.stack([patch_labels(s) for s in scenes])
+        loss = sum(F.cross_entropy(head(features).transpose(1, 2), labels[:, k])
+                   for k, head in enumerate(heads.values()))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    log(f"probe: {steps} steps, loss {loss.item():.3f}")
+    return heads
+
+
+def init_projector_from_probe(model: LlavaForConditionalGeneration, heads: torch.nn.ModuleDict) -> None:
+    """The projector's first rows become the probe's class logits, so from the first language step
+    every visual token says plainly which colour, shape and letter lies under it; the other rows
+    keep their random initialisation (position and anything else the tower encodes)."""
+    weight = torch.cat([h.weight for h in heads.values()])
+    bias = torch.cat([h.bias for h in heads.values()])
+    first = model.model.multi_modal_projector.linear_1
+    with torch.no_grad():
+        first.weight[:len(weight)] = weight
+        first.bias[:len(bias)] = bias
+
+
 def conversation(tokenizer: PreTrainedTokenizerFast, split: int, index: int, turns: int,
-                 family: str | None = None) -> tuple[shapes.Scene, list[int], list[int]]:
+                 family: str | None = None, max_objects: int | None = None
+                 ) -> tuple[shapes.Scene, list[int], list[int]]:
     """One training image with up to ``turns`` questions as a multi-turn chat: (scene, ids, labels).
 
     The first turn is the evaluation prompt format; labels are -100 except answers and their EOS.
     """
     family = family or shapes.FAMILIES[index % len(shapes.FAMILIES)]
-    scene, rng, focus = shapes.make_scene(split, index, family)
+    scene, rng, focus = shapes.make_scene(split, index, family, max_objects)
     order = [family] + rng.sample([f for f in shapes.FAMILIES if f != family], len(shapes.FAMILIES) - 1)
     ids: list[int] = []
     labels: list[int] = []
@@ -209,9 +246,32 @@ def conversation(tokenizer: PreTrainedTokenizerFast, split: int, index: int, tur
     return scene, ids, labels
 
 
-def language_batch(tokenizer: PreTrainedTokenizerFast, split: int, start: int, batch: int, turns: int
+def _drop_background(tokenizer: PreTrainedTokenizerFast, scene: shapes.Scene, ids: list[int], labels: list[int],
+                     background: float, generator: torch.Generator) -> tuple[list[int], list[int], torch.Tensor]:
+    """Keeps every patch an object or the letter covers and a ``background`` fraction of the rest;
+    returns the shortened ids and labels and the kept patch indices."""
+    occupied = patch_labels(scene)[1] > 0
+    kept = (occupied | (torch.rand(N_VISUAL, generator=generator) < background)).nonzero().flatten()
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    first = ids.index(image_id)
+    ids = ids[:first] + [image_id] * len(kept) + ids[first + N_VISUAL:]
+    labels = labels[:first] + [-100] * len(kept) + labels[first + N_VISUAL:]
+    return ids, labels, kept
+
+
+def language_batch(tokenizer: PreTrainedTokenizerFast, split: int, start: int, batch: int, turns: int,
+                   max_objects: int | None = None, background: float | None = None
                    ) -> dict[str, torch.Tensor]:
-    items = [conversation(tokenizer, split, i, turns) for i in range(start, start + batch)]
+    """A padded batch of conversations. With ``background`` < 1 only the object patches and that
+    fraction of background patches reach the decoder (``visual_index`` lists them per row)."""
+    items = [conversation(tokenizer, split, i, turns, max_objects=max_objects)
+             for i in range(start, start + batch)]
+    kept_rows = None
+    if background is not None and background < 1:
+        generator = torch.Generator().manual_seed(start)
+        dropped = [_drop_background(tokenizer, scene, ids, lab, background, generator) for scene, ids, lab in items]
+        items = [(scene, ids, lab) for (scene, _, _), (ids, lab, _) in zip(items, dropped)]
+        kept_rows = [kept for _, _, kept in dropped]
     length = max(len(ids) for _, ids, _ in items)
     input_ids = torch.full((batch, length), tokenizer.pad_token_id)
     labels = torch.full((batch, length), -100)
@@ -220,15 +280,27 @@ def language_batch(tokenizer: PreTrainedTokenizerFast, split: int, start: int, b
         input_ids[row, :len(ids)] = torch.tensor(ids)
         labels[row, :len(lab)] = torch.tensor(lab)
         attention[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+    data = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
             "pixel_values": pixel_values([shapes.render(scene) for scene, _, _ in items])}
+    if kept_rows is not None:
+        data["visual_index"] = kept_rows
+    return data
 
 
 def answer_loss(model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on answer tokens only, and which answer tokens the model predicts right."""
-    logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                   attention_mask=batch["attention_mask"]).logits[:, :-1]
+    if "visual_index" in batch:  # only some visual tokens: place their features by hand
+        features = model.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-2,
+                                            vision_feature_select_strategy="default").pooler_output
+        kept = torch.cat([rows[index] for rows, index in zip(features, batch["visual_index"])])
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        slots = (batch["input_ids"] == model.config.image_token_id)[..., None]
+        embeds = embeds.masked_scatter(slots, kept.to(embeds.dtype))
+        logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits[:, :-1]
+    else:
+        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"]).logits[:, :-1]
     targets = batch["labels"][:, 1:]
     supervised = targets >= 0
     loss = F.cross_entropy(logits[supervised], targets[supervised])
@@ -237,20 +309,25 @@ def answer_loss(model: LlavaForConditionalGeneration, batch: dict[str, torch.Ten
 
 def train_language(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, steps: int,
                    batch: int = 16, turns: int = 6, lr: float = 1e-3,
+                   curriculum: Sequence[tuple[float, int]] = CURRICULUM,
                    log: Callable[[str], None] = print,
                    every: int = 0, callback: Callable[[int], None] | None = None) -> None:
     """Stage 2: projector + decoder on multi-turn shapes conversations; the vision tower is frozen.
 
-    ``callback(step)`` runs every ``every`` steps (snapshots, validation) in eval mode."""
+    ``curriculum``: (fraction of steps, max objects) phases of large-object scenes before the task's
+    own scenes, so the decoder first learns where to look. ``callback(step)`` runs every ``every``
+    steps (snapshots, validation) in eval mode."""
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
     started, seen = time.time(), 0
     for step in range(steps):
-        data = language_batch(tokenizer, LANGUAGE_SPLIT, step * batch, batch, turns)
+        max_objects = next((n for until, n in curriculum if step < until * steps), None)
+        background = min(1.0, 0.05 + step / (BACKGROUND_RAMP * steps)) if BACKGROUND_RAMP else None
+        data = language_batch(tokenizer, LANGUAGE_SPLIT, step * batch, batch, turns, max_objects, background)
         for group in optimiser.param_groups:
-            group["lr"] = _scheduled_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+            group["lr"] = _scheduled_lr(step, steps, lr, warmup=min(50, steps // 10 + 1))
         loss, hits = answer_loss(model, data)
         optimiser.zero_grad()
         loss.backward()
@@ -344,7 +421,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=EMBEDDED[DEFAULT_MODEL])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-steps", type=int, default=300)
+    parser.add_argument("--probe-steps", type=int, default=40)
     parser.add_argument("--language-steps", type=int, default=1500)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-limit", type=int, default=120)
@@ -355,14 +434,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     processor = build_processor()
     model = build_model(processor.tokenizer, seed=args.seed)
     pretrain_vision(model, args.vision_steps)
+    init_projector_from_probe(model, fit_probe(model, args.probe_steps))
     vision_s = time.time() - started
-    train_language(model, processor.tokenizer, args.language_steps, batch=args.batch)
+    train_language(model, processor.tokenizer, args.language_steps, batch=args.batch, lr=args.lr)
     total_s = time.time() - started
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     metrics = evaluate(model, processor, args.eval_limit)
-    report = {"seed": args.seed, "vision_steps": args.vision_steps, "language_steps": args.language_steps,
+    report = {"seed": args.seed, "vision_steps": args.vision_steps, "probe_steps": args.probe_steps,
+              "language_steps": args.language_steps, "lr": args.lr,
               "batch": args.batch, "threads": args.threads, "vision_seconds": round(vision_s),
               "total_seconds": round(total_s), "eval_limit": args.eval_limit, "accuracy": metrics}
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
