@@ -20,6 +20,16 @@ def pre_llm_site(info: ModelInfo) -> Site:
     raise Infeasible(f"the {info.family} adapter offers neither vision_out nor projector stages")
 
 
+def single_site_plan(n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
+    """Keep ``round(budget)`` tokens at the earliest pre-LLM site (no plan when that keeps all)."""
+    keep = round(budget)
+    if keep < 1:
+        raise Infeasible(f"budget {budget:g} keeps no visual token")
+    if keep >= n_visual:
+        return []
+    return [(pre_llm_site(info), keep)]
+
+
 class NoCompression(TokenCompressor):
     """Keeps every visual token: the uncompressed reference."""
 
@@ -45,12 +55,7 @@ class RandomKeep(TokenCompressor):
     paper = "random-drop baseline"
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
-        keep = round(budget)
-        if keep < 1:
-            raise Infeasible(f"budget {budget:g} keeps no visual token")
-        if keep >= n_visual:
-            return []
-        return [(pre_llm_site(info), keep)]
+        return single_site_plan(n_visual, budget, info)
 
     def reduce(self, x: SiteInput) -> Reduction:
         b, n, _ = x.visual.shape

@@ -37,7 +37,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tokenbench.methods.baselines import pre_llm_site
+from tokenbench.methods.baselines import single_site_plan
 
 import tokenbench
 from tokenbench import Infeasible, ModelInfo, Reduction, Site, SiteInput, Stage, TokenCompressor
@@ -170,12 +170,7 @@ class ToMePre(TokenCompressor):
     source = "https://github.com/facebookresearch/ToMe"
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
-        target = round(budget)
-        if target < 1:
-            raise Infeasible(f"budget {budget:g} keeps no visual token")
-        if target >= n_visual:
-            return []
-        return [(pre_llm_site(info), target)]
+        return single_site_plan(n_visual, budget, info)
 
     def reduce(self, x: SiteInput) -> Reduction:
         sizes = x.sizes if x.sizes is not None else torch.ones(x.visual.shape[:2], device=x.visual.device)
