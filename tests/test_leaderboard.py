@@ -86,3 +86,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert nothing.exit_code == 2 and "no run records" in nothing.stderr
     unchecked = invoke(["leaderboard", "check", "--out", str(tmp_path / "none")])
     assert unchecked.exit_code == 2 and "no run records" in unchecked.stderr
+
+
+def test_committed_leaderboard_matches_its_json():
+    from tokenbench.leaderboard import check
+
+    committed = Path(__file__).resolve().parent.parent / "leaderboard"
+    if not (committed / "results").is_dir():
+        return  # an installed copy without the repository's leaderboard/
+    assert check(committed) is None
