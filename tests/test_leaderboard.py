@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from tokenbench.cli import cli
@@ -93,5 +94,5 @@ def test_committed_leaderboard_matches_its_json():
 
     committed = Path(__file__).resolve().parent.parent / "leaderboard"
     if not (committed / "results").is_dir():
-        return  # an installed copy without the repository's leaderboard/
+        pytest.skip("no leaderboard/ next to the tests (an installed copy)")
     assert check(committed) is None
