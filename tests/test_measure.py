@@ -167,6 +167,7 @@ def test_full_flops_match_flop_counter_on_tiny_qwen2_vl(tiny_qwen2_vl_dir, regis
     flops = full_flops(adapter.info().arch, generation.trace)
     steps = generation.trace.generated_tokens - 1
     assert _sum(counts, r".*\.blocks\.\d+") == flops["vision"]
+    assert _sum(counts, r".*\.merger") == flops["projector"]
     assert _sum(counts, "Qwen2VLDecoderLayer") == flops["llm_prefill"] + flops["decode"] - steps * flops["lm_head"]
     assert _sum(counts, "Linear") == (steps + 1) * flops["lm_head"]
 

@@ -86,7 +86,7 @@ class Qwen2VLAdapter(StagedAdapter):
             llm_intermediate=text.intermediate_size, llm_heads=text.num_attention_heads,
             llm_kv_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
             vision_layers=vision.depth, vision_hidden=width, vision_intermediate=mlp,
-            vision_tokens=patches, projector_in=width * self.merge ** 2, projector_hidden=out,
+            vision_tokens=patches, projector_in=width * self.merge ** 2, projector_hidden=width * self.merge ** 2,
             gated_mlp=True)
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch)
 
