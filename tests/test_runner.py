@@ -238,3 +238,14 @@ def test_a_model_that_cannot_load_is_a_one_line_error(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith(f"tokenbench: error: cannot load model '{model}'")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_run_without_json_prints_the_tables(faulty_run, tiny_llava_dir):
+    """A rerun of a finished run recomputes nothing and prints the per-budget tables on stdout."""
+    output, _ = faulty_run
+    result = invoke(base_args(tiny_llava_dir, output, "--methods", "random,flaky", "--budgets", "64,5",
+                              "--limit", "6"), env={"TINY_FAULTS": "1", "TINY_SAMPLES": "3"})
+    assert result.exit_code == 0, result.output
+    assert "· budget 64" in result.stdout and "| random" in result.stdout
+    assert "tokenbench leaderboard" not in result.stdout.splitlines()[0]
+    assert f"results: {output}/" in result.stderr

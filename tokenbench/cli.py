@@ -216,6 +216,12 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
     records = run_benchmark(config, registry, accuracy=accuracy, random_weights=model_config is not None)
     if as_json:
         click.echo(json.dumps(records, indent=2))
+    elif records:
+        from tokenbench.leaderboard import render_markdown
+
+        click.echo(render_markdown(records, page=False))
+        click.echo(f"results: {config.output}/ (render them with 'tokenbench leaderboard build "
+                   f"--results {config.output}')", err=True)
 
 
 @cli.group()

@@ -137,14 +137,15 @@ def _table(model: str, budget: str | None, runs: list[dict[str, Any]], baseline:
 
 # ------------------------------------------------------------------------------------------ render
 
-def render_markdown(records: Sequence[dict[str, Any]]) -> str:
-    """The whole leaderboard page for ``records`` (deterministic)."""
+def render_markdown(records: Sequence[dict[str, Any]], *, page: bool = True) -> str:
+    """The whole leaderboard page for ``records`` (deterministic); ``page=False`` leaves out the
+    page title, the introduction and the plot links (the summary ``tokenbench run`` prints)."""
     if not records:
         raise LeaderboardError("no run records to render; run 'tokenbench run' first")
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_model[record["model"]].append(record)
-    out = ["# tokenbench leaderboard", "", INTRO, ""]
+    out = ["# tokenbench leaderboard", "", INTRO, ""] if page else []
     footnotes: set[str] = set()
     for model in sorted(by_model):
         model_runs = by_model[model]
@@ -167,7 +168,8 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
             out += [f"### {model} · budget {budget}", "", _table(model, budget, runs, baseline, tasks, footnotes), ""]
         if not budgets and baseline:
             out += [f"### {model} · uncompressed", "", _table(model, None, [], baseline, tasks, footnotes), ""]
-        out += [f"![relative accuracy vs prefill TFLOPs]({plot_name(model)})", ""]
+        if page:
+            out += [f"![relative accuracy vs prefill TFLOPs]({plot_name(model)})", ""]
     if "hw" in footnotes:
         out += ["`n/c`: measured on other hardware than the baseline; latencies are not comparable.", ""]
     if "err" in footnotes:
