@@ -76,17 +76,17 @@ class Qwen2VLAdapter(StagedAdapter):
             side = max(round((n_visual or 256) ** 0.5), 1)
             grid = (side, (n_visual or side * side) // side)
         patches = grid[0] * grid[1] * self.merge ** 2
-        # Qwen2-VL names the encoder width embed_dim and the merger output hidden_size; Qwen2.5-VL
-        # names them hidden_size and out_hidden_size.
+        # Qwen2-VL names the encoder width embed_dim, Qwen2.5-VL hidden_size. The merger maps
+        # width·merge² → width·merge² → the LLM width (its output, counted via llm_hidden).
         width = getattr(vision, "embed_dim", None) or vision.hidden_size
-        out = getattr(vision, "out_hidden_size", None) or vision.hidden_size
+        merged = width * self.merge ** 2
         mlp = getattr(vision, "intermediate_size", None) or int(width * vision.mlp_ratio)
         arch = Architecture(
             llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
             llm_intermediate=text.intermediate_size, llm_heads=text.num_attention_heads,
             llm_kv_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
             vision_layers=vision.depth, vision_hidden=width, vision_intermediate=mlp,
-            vision_tokens=patches, projector_in=width * self.merge ** 2, projector_hidden=width * self.merge ** 2,
+            vision_tokens=patches, projector_in=merged, projector_hidden=merged,
             gated_mlp=True)
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch)
 
