@@ -8,9 +8,10 @@ sample's record, and finally calls ``aggregate(records)`` for the task-level met
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 from PIL import Image
 

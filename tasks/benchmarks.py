@@ -25,8 +25,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from PIL import Image
-
-import tokenbench
 from tokenbench.tasks.base import Sample
 from tokenbench.tasks.choice import LETTERS, choice_prompt, extract_choice
 from tokenbench.tasks.hub import SampleError, load_split, open_image, raw_row
@@ -36,6 +34,8 @@ from tokenbench.tasks.mme import read_yes_no as read_mme_answer
 from tokenbench.tasks.pope import pope_metrics
 from tokenbench.tasks.pope import read_yes_no as read_pope_answer
 from tokenbench.tasks.vqa_scoring import gqa_match, most_common_answer, normalize_answer, vqa_accuracy
+
+import tokenbench
 
 Records = Sequence[Mapping[str, Any]]
 

@@ -24,7 +24,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 from PIL import Image
-
 from tokenbench.tasks.base import TaskDataError
 
 PROBE_TIMEOUT_S = 3.0

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from PIL import Image
-
 from tokenbench.tasks.base import Sample, Task, TaskDataError
 from tokenbench.tasks.hub import SampleError, load_split, open_image, raw_rows
 

@@ -12,7 +12,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def block_after(marker: str) -> str:
-    match = re.search(rf"<!-- {marker} -->\n```\w*\n(.*?)```", README, re.S)
+    match = re.search(rf"<!-- {marker} -->\n```\w*\n(.*?)```", README, re.DOTALL)
     assert match, f"README has no fenced block after <!-- {marker} -->"
     return match.group(1)
 
@@ -32,7 +32,7 @@ def test_ci_runs_the_readme_quickstart_commands():
     for marker in ("quickstart:install", "quickstart:test"):
         command = block_after(marker).strip()
         extracted = subprocess.run(
-            ["bash", "-c", f"source <(sed -n '/^readme_command()/,/^}}/p' {script}); "
-                           f"cd {ROOT} && readme_command {marker}"],
+            ["bash", "-c", (f"source <(sed -n '/^readme_command()/,/^}}/p' {script}); "
+                            f"cd {ROOT} && readme_command {marker}")],
             capture_output=True, text=True, check=True).stdout.strip()
         assert extracted == command

@@ -24,6 +24,18 @@ from tokenbench.tasks.base import Sample, Task
 __version__ = "0.1.0"
 
 __all__ = [
-    "Architecture", "Budget", "Infeasible", "ModelInfo", "Reduction", "Sample", "Site", "SiteInput",
-    "Stage", "Task", "TokenCompressor", "hookimpl", "layer_averaged_tokens", "__version__",
+    "Architecture",
+    "Budget",
+    "Infeasible",
+    "ModelInfo",
+    "Reduction",
+    "Sample",
+    "Site",
+    "SiteInput",
+    "Stage",
+    "Task",
+    "TokenCompressor",
+    "__version__",
+    "hookimpl",
+    "layer_averaged_tokens",
 ]

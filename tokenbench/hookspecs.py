@@ -14,7 +14,7 @@ tokenbench validates every registered object and attributes it to the plugin tha
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

@@ -15,11 +15,12 @@ import inspect
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -173,7 +174,7 @@ def _load_one(registry: Registry, record: PluginRecord, load: Callable[[], Any])
     pm = registry.plugin_manager
     try:
         plugin = load()
-    except Exception as exc:  # a broken plugin must not take the others down
+    except Exception as exc:  # noqa: BLE001 -- a broken plugin must not take the others down
         record.problems.append(f"failed to import: {type(exc).__name__}: {exc}")
         return
     misspelled = _unknown_hooks(pm, plugin)
@@ -190,7 +191,7 @@ def _load_one(registry: Registry, record: PluginRecord, load: Callable[[], Any])
             if impl.plugin is plugin:
                 try:
                     impl.function(register=lambda obj, kind=kind: _register(registry, record, kind, obj))
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 -- recorded against the plugin, others go on
                     record.problems.append(f"{hook_name} raised {type(exc).__name__}: {exc}")
 
 

@@ -8,9 +8,10 @@ sample, and then lets greedy decoding continue on the shortened KV cache.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
