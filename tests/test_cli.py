@@ -87,3 +87,16 @@ def test_valid_option_passes_validation(tmp_path):
     registry = load_registry(tmp_path)
     options = parse_option_assignments(("normkeep-ok.largest=false",), ["normkeep-ok"], registry)
     assert options == {"normkeep-ok": {"largest": False}}
+
+
+def test_flash_attention_2_without_flash_attn_is_a_one_line_error(tiny_llava_dir, tmp_path):
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        pytest.skip("flash-attn and CUDA are available here")
+    result = invoke("run", "--model", str(tiny_llava_dir), "--methods", "random", "--limit", "1",
+                    "--attn", "flash_attention_2", "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "needs the flash-attn package" in result.stderr and "Traceback" not in result.output

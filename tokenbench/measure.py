@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from tokenbench.adapters.base import TokenTrace
+from tokenbench.adapters.base import AdapterError, TokenTrace
+from tokenbench.adapters.loading import check_attention
 from tokenbench.compressor import Architecture
 
 FORMULAS = ("full_flops", "fastv_macs")
@@ -313,7 +314,9 @@ def time_probe_rows(arch: Architecture, trace: TokenTrace, repeats: int = 5) -> 
 
 
 def flash_attn_available() -> bool:
-    """Whether the ``flash-attn`` package is importable (then ``flash_attention_2`` is tried too)."""
-    import importlib.util
-
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    """Whether ``flash_attention_2`` can run here (flash-attn and CUDA); then it is tried too."""
+    try:
+        check_attention("flash_attention_2")
+    except AdapterError:
+        return False
+    return True

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tokenbench.adapters.base import VLMAdapter
+from tokenbench.adapters.loading import check_attention
 from tokenbench.config import ConfigError
 from tokenbench.models import ModelRef
 from tokenbench.plugins import Registry
@@ -77,6 +78,7 @@ def random_weight_adapter(path: Path, registry: Registry, *, dtype: torch.dtype,
                           device: torch.device) -> VLMAdapter:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    check_attention(attn)
     raw = read_config(path)
     processor, token_ids = _processor(raw)
     config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "_name_or_path"})

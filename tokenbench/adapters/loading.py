@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,13 +12,22 @@ from tokenbench.adapters.base import AdapterError
 from tokenbench.adapters.prefill import ATTENTION_IMPLEMENTATIONS
 
 
+def check_attention(attn: str) -> None:
+    """Raise ``AdapterError`` for an attention implementation this machine cannot run."""
+    if attn not in ATTENTION_IMPLEMENTATIONS:
+        raise AdapterError(f"--attn {attn!r} is not supported; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if attn == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None
+                                        or not torch.cuda.is_available()):
+        raise AdapterError("--attn flash_attention_2 needs the flash-attn package (pip install "
+                           "'tokenbench[flash]') and a CUDA device; use --attn sdpa")
+
+
 def load_checkpoint(path: str | Path, model_types: tuple[str, ...], dtype: torch.dtype, attn: str,
                     device: str | torch.device) -> torch.nn.Module:
     """``from_pretrained`` a VLM checkpoint after checking its ``model_type`` and ``attn``."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    if attn not in ATTENTION_IMPLEMENTATIONS:
-        raise AdapterError(f"--attn {attn!r} is not supported; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    check_attention(attn)
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in model_types:
         raise AdapterError(f"checkpoint {path} is a '{config.model_type}' model; this adapter handles "
