@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from statistics import median
 from typing import Any
 
 import torch
@@ -128,9 +129,8 @@ def fastv_macs(arch: Architecture, trace: TokenTrace) -> dict[str, Any]:
     prefill = sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in trace.llm_total)
     r = trace.generated_tokens
     decode = sum(r * (4 * d * d + 2 * d * m) + 2 * d * (r * n + r * (r + 1) // 2) for n in trace.llm_total)
-    dv, mv = arch.vision_hidden, arch.vision_intermediate
-    vision = sum(4 * t * dv * dv + 2 * t * t * dv + 2 * t * dv * mv for t in trace.vision)
-    return {"formula": "fastv_macs", "unit": "MAC", "prefill": prefill, "decode": decode, "vision": vision}
+    return {"formula": "fastv_macs", "unit": "MAC", "prefill": prefill, "decode": decode,
+            "vision": vision_macs(arch, trace)}
 
 
 def flops_from_trace(arch: Architecture, trace: TokenTrace) -> dict[str, Any]:
@@ -167,6 +167,9 @@ def kv_cache_bytes(arch: Architecture, trace: TokenTrace, dtype: torch.dtype, *,
 
 # --------------------------------------------------------------------------------------------- timing
 
+CPU = torch.device("cpu")
+
+
 @dataclass
 class Timer:
     """Wall-clock of a block: CUDA events on a GPU (synchronised), ``perf_counter`` on CPU."""
@@ -192,11 +195,6 @@ class Timer:
 def summarise_latency(runs: Sequence[dict[str, float]], generated: Sequence[int]) -> dict[str, float]:
     """Medians over repeated runs: vision, prefill, time to first token (vision + prefill), decode
     per token (decode time / decode steps), end to end; plus the number of timed runs."""
-    def median(values: Sequence[float]) -> float:
-        ordered = sorted(values)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
     per_token = [r.get("decode", 0.0) / max(g - 1, 1) for r, g in zip(runs, generated)]
     return {"vision": median([r.get("vision", 0.0) for r in runs]),
             "prefill": median([r.get("prefill", 0.0) for r in runs]),
@@ -275,10 +273,12 @@ def classify_flash_attention(trace: TokenTrace) -> str:
     return "native"
 
 
-def flash_sdpa_probe(generate: Callable[[], Sequence[Any]], arch: Architecture) -> dict[str, Any]:
+def flash_sdpa_probe(generate: Callable[[], Sequence[Any]], arch: Architecture,
+                     device: torch.device = CPU,
+                     dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Run ``generate`` (one sample, batch 1) with SDPA forced onto its FlashAttention kernel and
     report the class measured from the trace: ``native`` / ``probe`` (with probe rows, their analytic
-    FLOPs and the adapter's probe time when it reports one) / ``eager`` / ``fails`` (with the error)."""
+    FLOPs and their time on ``device`` in ``dtype``) / ``eager`` / ``fails`` (with the error)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     try:
@@ -292,25 +292,26 @@ def flash_sdpa_probe(generate: Callable[[], Sequence[Any]], arch: Architecture) 
                               "probe_rows": trace.probe_rows}
     if trace.probe_rows:
         result["probe_flops"] = 2 * probe_macs(arch, trace)
-        result["probe_ms"] = generation.timings_ms.get("probe", time_probe_rows(arch, trace))
+        result["probe_ms"] = time_probe_rows(arch, trace, device, dtype)
     return result
 
 
-def time_probe_rows(arch: Architecture, trace: TokenTrace, repeats: int = 5) -> float:
-    """Measured cost (ms, median of ``repeats``) of what a probe adds beside the fused kernel:
-    ``softmax(q·Kᵀ)`` for the trace's probe rows over the prompt, all heads, then the head mean.
-    Used when the adapter does not time its probe itself."""
+def time_probe_rows(arch: Architecture, trace: TokenTrace, device: torch.device = CPU,
+                    dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+    """Measured cost (ms, median of ``repeats``, on ``device`` in ``dtype``) of what a probe adds
+    beside the fused kernel: ``softmax(q·Kᵀ)`` for the trace's probe rows over the prompt, all
+    heads, then the head mean. Timed apart from the run, at the trace's sizes, with :class:`Timer`."""
     heads, head_dim = arch.llm_heads, _head_dim(arch)
     context = max(trace.llm_total, default=1)
     generator = torch.Generator().manual_seed(0)
-    q = torch.randn(1, heads, trace.probe_rows, head_dim, generator=generator)
-    k = torch.randn(1, heads, context, head_dim, generator=generator)
-    times = []
+    q = torch.randn(1, heads, trace.probe_rows, head_dim, generator=generator).to(device, dtype)
+    k = torch.randn(1, heads, context, head_dim, generator=generator).to(device, dtype)
+    timer, times = Timer(device), []
     for _ in range(repeats):
-        begin = time.perf_counter()
-        torch.softmax(q @ k.transpose(-1, -2) / head_dim ** 0.5, dim=-1).mean(dim=1)
-        times.append((time.perf_counter() - begin) * 1000.0)
-    return sorted(times)[len(times) // 2]
+        with timer.measure():
+            torch.softmax(q @ k.transpose(-1, -2) / head_dim ** 0.5, dim=-1).mean(dim=1)
+        times.append(timer.elapsed_ms)
+    return median(times)
 
 
 def flash_attn_available() -> bool:

@@ -306,7 +306,8 @@ class Harness:
 
     def _flash_attention(self, prompt: Prompt, compressor: TokenCompressor | None, arm: Arm,
                          task: Task) -> dict[str, Any]:
-        result = flash_sdpa_probe(lambda: self._generate([prompt], compressor, arm, task), self.arch)
+        result = flash_sdpa_probe(lambda: self._generate([prompt], compressor, arm, task), self.arch,
+                                  self.device, self.dtype)
         result["declared"] = compressor.flash_attention if compressor is not None else "native"
         if flash_attn_available() and self.device.type == "cuda" and not self.random_weights:
             result["flash_attention_2"] = self._flash_attention_2(prompt, compressor, arm, task)

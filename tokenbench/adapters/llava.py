@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
-from tokenbench.adapters.loading import load_checkpoint, rotary_of
-from tokenbench.adapters.prefill import Decoder, TokenSequence
+from tokenbench.adapters.loading import load_checkpoint
+from tokenbench.adapters.prefill import TokenSequence
 from tokenbench.adapters.probe import head_mean_keys, head_mean_probs
 from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
@@ -65,11 +65,6 @@ class LlavaAdapter(StagedAdapter):
             projector_in=vision.hidden_size, projector_hidden=text.hidden_size, gated_mlp=True)
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch)
 
-    def _decoder(self) -> Decoder:
-        lm = self.model.model.language_model
-        return Decoder(lm.embed_tokens, lm.layers, lm.norm, self.model.lm_head, lm.rotary_emb,
-                       rotary_of(lm.layers[0]), self.model.config.text_config._attn_implementation)
-
     def _encode(self, prompts: Sequence[Prompt]) -> Encoded:
         processor = self.processor
         texts = [processor.apply_chat_template(
@@ -98,8 +93,7 @@ class LlavaAdapter(StagedAdapter):
         for index, block in enumerate(tower.encoder.layers[:self.vision_blocks]):
             if index in vision_sites:
                 keys_of = tower.encoder.layers[max(index - 1, 0)]
-                source = block_input if index else hidden
-                signals = {"keys": _clip_keys(keys_of, source)[:, 1:]} if "keys" in needs else {}
+                signals = {"keys": _clip_keys(keys_of, block_input)[:, 1:]} if "keys" in needs else {}
                 patches.tokens = hidden[:, 1:]
                 applied = run_site(compressor, Site(Stage.VISION, index), vision_sites[index], patches,
                                    self.patch_grid, plan.generator, **signals)

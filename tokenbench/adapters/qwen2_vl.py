@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
-from tokenbench.adapters.loading import load_checkpoint, rotary_of
-from tokenbench.adapters.prefill import Decoder, TokenSequence
+from tokenbench.adapters.loading import load_checkpoint
+from tokenbench.adapters.prefill import TokenSequence
 from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
 from tokenbench.compressor import Architecture, ModelInfo, Site, Stage
@@ -89,11 +89,6 @@ class Qwen2VLAdapter(StagedAdapter):
             vision_tokens=patches, projector_in=merged, projector_hidden=merged,
             gated_mlp=True)
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch)
-
-    def _decoder(self) -> Decoder:
-        lm = self.model.model.language_model
-        return Decoder(lm.embed_tokens, lm.layers, lm.norm, self.model.lm_head, lm.rotary_emb,
-                       rotary_of(lm.layers[0]), self.model.config.text_config._attn_implementation)
 
     def _batch_key(self, prompt: Prompt) -> Any:
         return prompt.image.size if prompt.image is not None else None

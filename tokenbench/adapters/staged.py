@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from tokenbench.adapters.base import AdapterError, Generation, Prompt, TokenTrace, VLMAdapter
+from tokenbench.adapters.loading import rotary_of
 from tokenbench.adapters.prefill import (
     Decoder,
     StagedPrefill,
@@ -216,6 +217,8 @@ class StagedAdapter(VLMAdapter):
                        traces: list[TokenTrace]) -> VisualBlock:
         """Run the vision encoder and the pre-LLM sites; return LLM-space visual tokens."""
 
-    @abstractmethod
     def _decoder(self) -> Decoder:
-        """The stock language-model modules."""
+        """The stock language-model modules (both families keep them at ``model.language_model``)."""
+        lm = self.model.model.language_model
+        return Decoder(lm.embed_tokens, lm.layers, lm.norm, self.model.lm_head, lm.rotary_emb,
+                       rotary_of(lm.layers[0]), self.model.config.text_config._attn_implementation)
