@@ -54,6 +54,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from tokenbench.methods.baselines import pre_llm_site, single_site_plan
 
 import tokenbench
 from tokenbench import (
@@ -236,6 +237,7 @@ class ApET(TokenCompressor):
     def __init__(self, **options) -> None:
         super().__init__(**options)
         self.positions = self.options.positions
+        self.stochastic = self.options.fps_start == "random"
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
         if budget >= n_visual:
@@ -243,13 +245,12 @@ class ApET(TokenCompressor):
         if budget < 1:
             raise Infeasible(f"apet: budget {budget:g} keeps less than one visual token per layer")
         if not self.options.stage2:
-            keep = round(budget)
-            return [(_pre_llm_site(info), keep)] if keep < n_visual else []
+            return single_site_plan(n_visual, budget, info)
         layer = self._stage2_layer(info)
         v1, v2 = split_budget(n_visual, budget, info.llm_layers, layer)
         plan = []
         if v1 < n_visual:
-            plan.append((_pre_llm_site(info), v1))
+            plan.append((pre_llm_site(info), v1))
         if v2 < v1:
             plan.append((Site(Stage.LLM, layer), v2))
         realised = layer_averaged_tokens(n_visual, plan, info.llm_layers)
@@ -278,13 +279,6 @@ class ApET(TokenCompressor):
             raise Infeasible(f"apet: stage2_layer={layer} must lie in [1, {info.llm_layers - 1}] "
                              f"for a {info.llm_layers}-layer LLM")
         return layer
-
-
-def _pre_llm_site(info: ModelInfo) -> Site:
-    for stage in (Stage.VISION_OUT, Stage.PROJECTOR):
-        if stage in info.stages:
-            return Site(stage)
-    raise Infeasible(f"apet: the {info.family} adapter offers neither vision_out nor projector stages")
 
 
 def _check_shape(x: torch.Tensor, what: str = "x") -> None:

@@ -53,6 +53,7 @@ class RandomKeep(TokenCompressor):
     name = "random"
     stages = (Stage.VISION_OUT, Stage.PROJECTOR)
     paper = "random-drop baseline"
+    stochastic = True
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
         return single_site_plan(n_visual, budget, info)

@@ -252,3 +252,28 @@ def test_bfloat16_generation_runs(request):
     out = a.generate(prompts("llava", 2), compressor=compressor, budget=ALL, max_new_tokens=2)
     assert a.dtype == torch.bfloat16 and compressor.seen[0].x.visual.dtype == torch.bfloat16
     assert all(g.trace.llm_visual[-1] == 288 for g in out)
+
+
+class RecordingRandom(RandomKeep):
+    """RandomKeep that remembers, per image, which original tokens it kept."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.kept: list[tuple[float, list[int]]] = []
+
+    def reduce(self, x):
+        result = super().reduce(x)
+        for row in range(x.visual.shape[0]):
+            fingerprint = float(x.visual[row].float().sum())
+            self.kept.append((fingerprint, x.origin[row, result.keep[row]].tolist()))
+        return result
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_stochastic_draws_do_not_depend_on_batch_position(request, family):
+    a = adapter(family, model_dir(request, family), "sdpa")
+    batch = prompts(family, 2)
+    forward, backward = RecordingRandom(), RecordingRandom()
+    a.generate(batch, compressor=forward, budget=Budget.parse("22.2%"), max_new_tokens=1, seed=3)
+    a.generate(batch[::-1], compressor=backward, budget=Budget.parse("22.2%"), max_new_tokens=1, seed=3)
+    assert sorted(forward.kept) == sorted(backward.kept)

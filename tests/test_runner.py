@@ -249,3 +249,4 @@ def test_run_without_json_prints_the_tables(faulty_run, tiny_llava_dir):
     assert "· budget 64" in result.stdout and "| random" in result.stdout
     assert "tokenbench leaderboard" not in result.stdout.splitlines()[0]
     assert f"results: {output}/" in result.stderr
+

@@ -49,7 +49,7 @@ class Budget:
     def label(self) -> str:
         if self.tokens is not None:
             return str(self.tokens)
-        return f"{self.ratio * 100:.4g}%"
+        return f"{self.ratio * 100:g}%"
 
     def __str__(self) -> str:
         return self.label
@@ -61,9 +61,9 @@ def parse_budgets(text: str) -> list[Budget]:
     if not parts:
         raise BudgetError("no budgets given; write e.g. --budgets 192,128,64 or 33.3%,22.2%,11.1%")
     budgets = [Budget.parse(p) for p in parts]
-    seen: set[Budget] = set()
-    for b in budgets:
-        if b in seen:
+    seen: set[str] = set()
+    for b in budgets:  # the label keys results, so two budgets must not share one
+        if b.label in seen:
             raise BudgetError(f"budget {b.label} is given twice")
-        seen.add(b)
+        seen.add(b.label)
     return budgets

@@ -170,7 +170,8 @@ class TokenCompressor:
     (subset of :data:`SIGNALS`), ``attention_queries`` (which query rows ``attention`` holds:
     ``last`` prompt token, all ``text`` tokens after the image, or ``all`` tokens, which needs the
     full attention map), ``positions`` (whether surviving LLM tokens keep their ``original``
-    position ids or are renumbered ``contiguous``), ``paper``, ``source``. Options are the nested
+    position ids or are renumbered ``contiguous``), ``stochastic`` (``reduce`` uses the generator),
+    ``paper``, ``source``. Options are the nested
     pydantic model ``Options``; unknown keys are rejected. An instance may refine ``needs`` or
     ``attention_queries`` from its options in ``__init__``.
     """
@@ -181,6 +182,9 @@ class TokenCompressor:
     attention_queries: AttentionQueries = "last"
     positions: PositionPolicy = "original"
     proportional_attention: bool = False  # ToMe: bias vision attention by log(size)
+    # Whether reduce draws from SiteInput.generator. Adapters then run the method one sample at a
+    # time, so a sample's draw depends on the seed alone, not on its batch neighbours or on resume.
+    stochastic: bool = False
     paper: ClassVar[str] = ""
     source: ClassVar[str] = ""
 

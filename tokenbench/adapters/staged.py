@@ -100,10 +100,11 @@ class StagedAdapter(VLMAdapter):
 
     def batchable(self, compressor: TokenCompressor | None) -> bool:
         """Batches need one query row per sample: ``text`` signals and ``text``/``all`` attention
-        rows differ in length between left-padded rows, so those methods run one sample at a time."""
+        rows differ in length between left-padded rows, so those methods run one sample at a time;
+        so do ``stochastic`` ones, whose per-row draws would otherwise depend on batch position."""
         if compressor is None:
             return True
-        if "text" in compressor.needs:
+        if compressor.stochastic or "text" in compressor.needs:
             return False
         return not ("attention" in compressor.needs and compressor.attention_queries != "last")
 
