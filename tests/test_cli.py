@@ -59,6 +59,11 @@ BAD_INPUTS = [
     (["--plugins-dir", "/no/such/dir", "methods"], "plugins dir '/no/such/dir' does not exist"),
     (["run", "--no-such-flag"], "No such option '--no-such-flag'"),
     (["methods", "zzz*"], "unknown method 'zzz*'"),
+    (["run", "--methods", "random", "--budgets", "12.3450%,12.345%"], "budget 12.345% is given twice"),
+    (["run", "--methods", "random", "--seed", "-1"], "Invalid value for '--seed'"),
+    (["run", "--methods", "random", "--device", "toaster"], "--device 'toaster' is not a torch device"),
+    (["run", "--methods", "random", "--output", "/proc/no/such/dir"], "cannot be created"),
+    (["leaderboard", "build", "--bogus"], "leaderboard build --help')"),
 ]
 
 

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from tabulate import tabulate
 
 from tokenbench.budget import BudgetError, parse_budgets
 from tokenbench.config import ConfigError, MethodSpec, RunConfig, parse_method_list, parse_option_assignments
 from tokenbench.models import ModelNameError, default_model, embedded_models, resolve_model
 from tokenbench.plugins import PluginError, Registry, UnknownName, load_registry
+from tokenbench.tasks.base import TaskDataError
 
-USAGE_ERRORS = (UnknownName, ConfigError, BudgetError, ModelNameError, PluginError)
+USAGE_ERRORS = (UnknownName, ConfigError, BudgetError, ModelNameError, PluginError, TaskDataError)
 DEFAULT_BUDGETS = "33.3%,22.2%,11.1%"
 
 
@@ -39,7 +41,7 @@ class TokenbenchGroup(click.Group):
             click.echo("tokenbench: interrupted", err=True)
             sys.exit(130)
         except (click.UsageError, UsageFailure) as exc:
-            hint = f" (see 'tokenbench {exc.ctx.info_name} --help')" if getattr(exc, "ctx", None) and \
+            hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) and \
                 isinstance(exc, click.UsageError) and exc.ctx.parent else ""
             click.echo(f"tokenbench: error: {exc.format_message()}{hint}", err=True)
             sys.exit(2)
@@ -151,7 +153,7 @@ def models(ctx: click.Context) -> None:
               help="Layer-averaged visual tokens per method: counts (192,128,64) or ratios (11.1%).")
 @click.option("--tasks", "tasks_text", default="shapes", show_default=True, help="Comma-separated tasks.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Samples per task.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--output", type=click.Path(file_okay=False), default="tokenbench-results", show_default=True)
 @click.option("-o", "option_assignments", multiple=True, metavar="METHOD.KEY=VALUE",
               help="Set a method option; repeatable.")
@@ -189,6 +191,10 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         registry.task(name)
     if data_dir is not None and not Path(data_dir).is_dir():
         raise ConfigError(f"--data-dir '{data_dir}' does not exist")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device '{device}' is not a torch device; use cpu, cuda or cuda:N") from None
     if model_config is not None:
         from tokenbench.random_model import config_model_ref
 
@@ -207,8 +213,7 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         model=model_ref,
         methods=[MethodSpec(n, options[n]) for n in method_names], budgets=budget_list, tasks=task_names,
         limit=limit, seed=seed, output=Path(output), dtype=dtype, attn=attn, device=device,
-        batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None, efficiency=efficiency,
-        json=as_json, plugins_dir=ctx.find_root().obj.get("plugins_dir"))
+        batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None, efficiency=efficiency)
     try:
         from tokenbench.runner import run as run_benchmark
     except ImportError:

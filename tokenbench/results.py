@@ -64,6 +64,9 @@ PUBLIC_FIELDS = ("schema_version", "model", "task", "method", "budget", "score",
                  "flash_attention", "n_samples", "n_errors", "provenance")
 
 
+BASELINE = "none"  # the uncompressed baseline method, run in every run
+
+
 class OutputDirError(ConfigError):
     """The output directory belongs to another run; the message says how to proceed."""
 
@@ -220,8 +223,12 @@ def claim_output_dir(directory: Path, arguments: dict[str, Any]) -> None:
     if directory.is_dir() and any(directory.iterdir()):
         raise OutputDirError(f"--output '{directory}' is not empty and is not a tokenbench results "
                              f"directory; use another --output or delete '{directory}'")
-    directory.mkdir(parents=True, exist_ok=True)
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise OutputDirError(f"--output '{directory}' cannot be created ({exc.strerror}); give a "
+                             f"writable directory") from None
 
 
 def _short(value: Any) -> str:
