@@ -49,8 +49,6 @@ class RunConfig:
     batch_size: int = 8
     data_dir: Path | None = None
     efficiency: bool = True
-    json: bool = False
-    plugins_dir: str | None = None
 
 
 def parse_method_list(text: str, registry: Registry) -> list[str]:

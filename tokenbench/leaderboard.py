@@ -17,9 +17,8 @@ from typing import Any
 from tabulate import tabulate
 
 from tokenbench.budget import Budget
-from tokenbench.results import load_run_records, run_file_name
+from tokenbench.results import BASELINE, load_run_records, run_file_name
 
-BASELINE = "none"
 MARKDOWN_NAME = "README.md"
 RESULTS_DIR = "results"
 

@@ -40,6 +40,7 @@ from tokenbench.measure import (
 )
 from tokenbench.plugins import Registry
 from tokenbench.results import (
+    BASELINE,
     SCHEMA_VERSION,
     SampleStore,
     claim_output_dir,
@@ -50,7 +51,6 @@ from tokenbench.results import (
 from tokenbench.stats import compare
 from tokenbench.tasks.base import Sample, Task
 
-BASELINE = "none"
 EFFICIENCY_SAMPLES = 3
 EFFICIENCY_REPEATS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
