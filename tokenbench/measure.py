@@ -58,7 +58,11 @@ def _kv_width(arch: Architecture) -> int:
 
 
 def vision_macs(arch: Architecture, trace: TokenTrace) -> int:
-    """Vision encoder MACs over the blocks that ran (non-gated MLP, as in CLIP and Qwen2-VL's ViT)."""
+    """Vision encoder MACs over the blocks that ran (non-gated MLP, as in CLIP and Qwen2-VL's ViT).
+
+    Approximate for Qwen2.5-VL, whose ViT has a gated (three-matrix) MLP and windowed attention in
+    most blocks: its MLP term is undercounted by a third and its attention term overcounted. Vision
+    FLOPs are the same for every method there (no ``vision`` stage), so comparisons are unaffected."""
     dv, mv = arch.vision_hidden, arch.vision_intermediate
     return sum(4 * t * dv * dv + 2 * t * t * dv + 2 * t * dv * mv for t in trace.vision)
 
