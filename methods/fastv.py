@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 import tokenbench
 from tokenbench import Infeasible, ModelInfo, Reduction, Site, SiteInput, Stage, TokenCompressor
@@ -60,8 +60,7 @@ class FastV(TokenCompressor):
     paper = "FastV: An Image is Worth 1/2 Tokens After Layer 2 (ECCV 2024)"
     source = "https://github.com/pkunlp-icler/FastV"
 
-    class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Options(TokenCompressor.Options):
         k_layer: int = Field(2, ge=1, le=31, description="prune after this many layers of 32 (scaled)")
         score: Literal["last_token", "all_queries"] = "last_token"
         budget_mode: Literal["layer_average", "after_k"] = "layer_average"

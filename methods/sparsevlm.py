@@ -61,7 +61,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 import tokenbench
 from tokenbench import (
@@ -215,8 +215,7 @@ class SparseVLM(TokenCompressor):
     paper = "SparseVLM: Visual Token Sparsification for Efficient VLM Inference (ICML 2025)"
     source = "https://github.com/Gumpest/SparseVLMs"
 
-    class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Options(TokenCompressor.Options):
         version: Literal["v1.5", "v1"] = "v1.5"
         schedule: Literal["budget", "reference"] = Field(
             "budget", description="v1.5 only: budget-matched keeps, or the published keeps as is")
