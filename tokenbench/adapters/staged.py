@@ -8,7 +8,6 @@ and :meth:`StagedAdapter._decoder`.
 
 from __future__ import annotations
 
-import time
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from tokenbench.adapters.prefill import (
 from tokenbench.adapters.sites import Applied, VisualBlock
 from tokenbench.budget import Budget
 from tokenbench.compressor import Site, Stage, TokenCompressor
+from tokenbench.measure import Timer
 
 
 @dataclass
@@ -71,25 +71,17 @@ class Run:
 
 
 class PhaseTimer:
-    """Milliseconds per phase: CUDA events on GPU, ``perf_counter`` after a sync elsewhere."""
+    """Milliseconds per phase name, summed over calls; each call is timed by :class:`Timer`."""
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+        self.timer = Timer(device)
         self.ms: dict[str, float] = {}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        with self.timer.measure():
             yield
-            end.record()
-            torch.cuda.synchronize()
-            self.ms[name] = self.ms.get(name, 0.0) + start.elapsed_time(end)
-        else:
-            began = time.perf_counter()
-            yield
-            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - began) * 1000
+        self.ms[name] = self.ms.get(name, 0.0) + self.timer.elapsed_ms
 
 
 class StagedAdapter(VLMAdapter):
