@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tokenbench.tasks.base import Sample, Task
 
 import tokenbench
-from tokenbench.tasks.base import Sample, Task
 
 IMAGE_SIZE = 336
 COLOURS: dict[str, tuple[int, int, int]] = {

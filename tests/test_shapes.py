@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from tokenbench.plugins import load_registry
 from tokenbench.tasks import shapes
 from tokenbench.tasks.shapes import FAMILIES, ShapesTask, make_example
+
+from tokenbench.plugins import load_registry
 
 
 @pytest.fixture(scope="module")

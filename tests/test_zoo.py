@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenbench.tasks.shapes import ShapesTask
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from tokenbench.tasks.shapes import ShapesTask
 from tokenbench.zoo import DEFAULT_MODEL, EMBEDDED, train
 
 CHECKPOINT = EMBEDDED[DEFAULT_MODEL]
