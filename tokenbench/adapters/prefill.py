@@ -139,10 +139,9 @@ def prefill_mask(impl: str, valid: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return _as_impl(impl, allowed[:, None], dtype)
 
 
-def decode_mask(impl: str, kv_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """Padding mask for one new query over a layer's cache ``kv_valid`` [B, K]."""
-    if bool(kv_valid.all()):
-        return None
+def decode_mask(impl: str, kv_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Padding mask for one new query over a layer's cache ``kv_valid`` [B, K] (which has padding;
+    a cache without any needs no mask)."""
     if impl == "flash_attention_2":
         return kv_valid.long()
     return _as_impl(impl, kv_valid[:, None, None, :], dtype)
@@ -306,6 +305,9 @@ def greedy_decode(decoder: Decoder, prefill: PrefillResult, max_new_tokens: int,
     tokens = logits.argmax(-1)
     out_tokens, out_logits = [tokens], [logits]
     kv_valid = list(prefill.kv_valid)
+    # decoded tokens are always valid, so whether a layer's cache holds padding is fixed after the
+    # prefill: one host sync per layer here instead of one per layer per step
+    padded = [not bool(valid.all()) for valid in kv_valid]
     multimodal = prefill.layer_positions[0].dim() == 3
     finished = _is_eos(tokens, eos_ids)
     groups = [_group(prefill.next_position, index) for index in range(len(decoder.layers))]
@@ -321,8 +323,10 @@ def greedy_decode(decoder: Decoder, prefill: PrefillResult, max_new_tokens: int,
             key = groups[index]
             if key not in tables:
                 tables[key] = decoder.rotary_emb(hidden, position)
-            kv_valid[index] = torch.cat([kv_valid[index], torch.ones_like(kv_valid[index][:, :1])], dim=1)
-            mask = decode_mask(decoder.attn_impl, kv_valid[index], hidden.dtype)
+            mask = None
+            if padded[index]:
+                kv_valid[index] = torch.cat([kv_valid[index], torch.ones_like(kv_valid[index][:, :1])], dim=1)
+                mask = decode_mask(decoder.attn_impl, kv_valid[index], hidden.dtype)
             hidden = layer(hidden, attention_mask=mask, position_embeddings=tables[key],
                            past_key_values=prefill.cache, use_cache=True, position_ids=None)
         logits = decoder.lm_head(decoder.norm(hidden))[:, -1]
