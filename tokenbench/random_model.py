@@ -23,11 +23,11 @@ from tokenbench.config import ConfigError
 from tokenbench.models import ModelRef
 from tokenbench.plugins import Registry
 from tokenbench.tiny_models import (
-    DEFAULT_WORDS,
     LLAVA_IMAGE_TOKEN,
     QWEN_SPECIAL,
-    simple_chat_template,
-    word_level_tokenizer,
+    llava_processor,
+    llava_tokenizer,
+    qwen_tokenizer,
 )
 
 SUPPORTED = ("llava", "qwen2_vl")
@@ -98,30 +98,15 @@ def random_weight_adapter(path: Path, registry: Registry, *, dtype: torch.dtype,
 
 def _processor(raw: dict[str, Any]) -> tuple[Any, dict[str, int]]:
     if raw["model_type"] == "llava":
-        from transformers import CLIPImageProcessorPil, LlavaProcessor
-
         vision = raw["vision_config"]
-        size, patch = vision.get("image_size", 336), vision.get("patch_size", 14)
-        tokenizer = word_level_tokenizer(DEFAULT_WORDS, special_tokens=[LLAVA_IMAGE_TOKEN],
-                                         chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN),
-                                         extra_attributes={"image_token": LLAVA_IMAGE_TOKEN})
-        processor = LlavaProcessor(
-            image_processor=CLIPImageProcessorPil(size={"shortest_edge": size},
-                                               crop_size={"height": size, "width": size}),
-            tokenizer=tokenizer, patch_size=patch,
-            vision_feature_select_strategy=raw.get("vision_feature_select_strategy", "default"),
-            num_additional_image_tokens=1, chat_template=tokenizer.chat_template)
+        tokenizer = llava_tokenizer()
+        processor = llava_processor(tokenizer, vision.get("image_size", 336), vision.get("patch_size", 14),
+                                    select_strategy=raw.get("vision_feature_select_strategy", "default"))
         return processor, {"image_token_id": tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
                            "pad_token_id": tokenizer.pad_token_id}
     from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
-    tokenizer = word_level_tokenizer(DEFAULT_WORDS, special_tokens=QWEN_SPECIAL,
-                                     chat_template=simple_chat_template(
-                                         "<|vision_start|><|image_pad|><|vision_end|>"),
-                                     extra_attributes={"image_token": "<|image_pad|>",
-                                                       "video_token": "<|video_pad|>",
-                                                       "vision_start_token": "<|vision_start|>",
-                                                       "vision_end_token": "<|vision_end|>"})
+    tokenizer = qwen_tokenizer()
     try:
         processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
                                      chat_template=tokenizer.chat_template)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -80,8 +81,34 @@ LLAVA_IMAGE_TOKEN = "<image>"
 QWEN_SPECIAL = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
 
 
-def _qwen_chat_template() -> str:
-    return simple_chat_template("<|vision_start|><|image_pad|><|vision_end|>")
+def llava_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with LLaVA's ``<image>`` token and a plain ``ROLE: text`` template."""
+    return word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN],
+                                chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN),
+                                extra_attributes={"image_token": LLAVA_IMAGE_TOKEN})
+
+
+def llava_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = 336, patch_size: int = 14, *,
+                    select_strategy: str = "default", image_processor: Any = None) -> Any:
+    """LLaVA-1.5's processor: CLIP preprocessing at ``image_size`` (``image_processor`` replaces the
+    default one) and ``<image>`` expanded to one placeholder per patch."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    if image_processor is None:
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                                crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy=select_strategy, num_additional_image_tokens=1,
+                          chat_template=tokenizer.chat_template)
+
+
+def qwen_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Qwen2-VL's vision special tokens and a plain chat template."""
+    return word_level_tokenizer(words, special_tokens=QWEN_SPECIAL,
+                                chat_template=simple_chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
+                                extra_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                                  "vision_start_token": "<|vision_start|>",
+                                                  "vision_end_token": "<|vision_end|>"})
 
 
 def tiny_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, vision_layers: int = 3,
@@ -89,19 +116,10 @@ def tiny_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, v
     """A random-weight LLaVA-1.5-shaped model: 336px CLIP, patch 14 (24×24 = 576 visual tokens),
     ``vision_feature_layer=-2`` with the CLS token dropped, a 2-layer MLP projector and a GQA
     Llama decoder of hidden size 64. Saved with its processor under ``directory``."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     directory = Path(directory)
-    tokenizer = word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN],
-                                     chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN),
-                                     extra_attributes={"image_token": LLAVA_IMAGE_TOKEN})
+    tokenizer = llava_tokenizer(words)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
                               num_attention_heads=2, image_size=336, patch_size=14, projection_dim=32)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -114,11 +132,7 @@ def tiny_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, v
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336},
-                                            crop_size={"height": 336, "width": 336})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=tokenizer.chat_template)
+    processor = llava_processor(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -133,11 +147,7 @@ def tiny_qwen2_vl(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS
     import transformers
 
     directory = Path(directory)
-    tokenizer = word_level_tokenizer(words, special_tokens=QWEN_SPECIAL, chat_template=_qwen_chat_template(),
-                                     extra_attributes={"image_token": "<|image_pad|>",
-                                                       "video_token": "<|video_pad|>",
-                                                       "vision_start_token": "<|vision_start|>",
-                                                       "vision_end_token": "<|vision_end|>"})
+    tokenizer = qwen_tokenizer(words)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
     text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": llm_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
