@@ -47,6 +47,18 @@ def test_table_layout():
         assert "UTC" not in line and "2026-" not in line  # nothing time-dependent
 
 
+def test_runs_with_different_settings_get_separate_sections():
+    records = golden_records()
+    shapes_runs = [r for r in records if r["model"] == "tiny-llava-shapes"]
+    subset = json.loads(json.dumps(shapes_runs[0]))
+    subset["provenance"]["limit"] = 50
+    text = render_markdown([*records, subset])
+    assert "## tiny-llava-shapes (limit None)" in text and "## tiny-llava-shapes (limit 50)" in text
+    assert "## llava-1.5-7b\n" in text  # a model whose runs agree keeps its plain heading
+    limited = text.split("## tiny-llava-shapes (limit 50)\n", 1)[1].split("\n## ")[0]
+    assert limited.count("| " + subset["method"] + " ") == 1  # not merged with the full runs
+
+
 def invoke(args):
     return CliRunner().invoke(cli, args, catch_exceptions=False)
 

@@ -56,6 +56,30 @@ def _hardware(record: dict[str, Any]) -> str | None:
     return (record.get("provenance") or {}).get("hardware")
 
 
+# provenance that changes what a score means: runs that differ in any of these are never put in one table
+COMPARABILITY = ("limit", "dtype", "attention_backend", "max_new_tokens", "random_weights", "seed")
+
+
+def _setting(record: dict[str, Any]) -> tuple:
+    provenance = record.get("provenance") or {}
+    return tuple(str(provenance.get(key)) for key in COMPARABILITY)
+
+
+def _sections(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records per leaderboard section: one per model, or one per model and setting when a model's
+    runs differ in a COMPARABILITY field (the heading then names the fields that differ)."""
+    by_model: dict[str, dict[tuple, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        by_model[record["model"]][_setting(record)].append(record)
+    sections: dict[str, list[dict[str, Any]]] = {}
+    for model, groups in by_model.items():
+        differing = [k for k, key in enumerate(COMPARABILITY) if len({s[k] for s in groups}) > 1]
+        for setting, runs in groups.items():
+            label = ", ".join(f"{COMPARABILITY[k]} {setting[k]}" for k in differing)
+            sections[f"{model} ({label})" if label else model] = runs
+    return sections
+
+
 def _budget_order(label: str, n_visual: float) -> float:
     return -Budget.parse(label).target(max(round(n_visual), 1))
 
@@ -141,9 +165,7 @@ def render_markdown(records: Sequence[dict[str, Any]], *, page: bool = True) -> 
     page title, the introduction and the plot links (the summary ``tokenbench run`` prints)."""
     if not records:
         raise LeaderboardError("no run records to render; run 'tokenbench run' first")
-    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in records:
-        by_model[record["model"]].append(record)
+    by_model = _sections(records)
     out = ["# tokenbench leaderboard", "", INTRO, ""] if page else []
     footnotes: set[str] = set()
     for model in sorted(by_model):
@@ -188,12 +210,12 @@ def render_plots(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in records:
-        if record.get("flops") and record.get("relative") is not None:
-            by_model[record["model"]].append(record)
+    by_model = {section: [r for r in runs if r.get("flops") and r.get("relative") is not None]
+                for section, runs in _sections(records).items()}
     paths = []
     for model, runs in sorted(by_model.items()):
+        if not runs:
+            continue
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
         for method in sorted({r["method"] for r in runs}):
             points = sorted(((r["flops"]["prefill"] / 1e12, r["relative"]) for r in runs
