@@ -48,6 +48,9 @@ class Task:
     - ``metric_scale``: the primary metric's full scale (100 for a percentage, 2000 for MME perception).
     - ``max_new_tokens``: the greedy-decoding length the answers need.
     - ``source``: where the data come from (a hub id, or "generated").
+    - ``bootstrap_unit``: ``meta`` keys whose values together identify the samples ``aggregate``
+      scores jointly (MME's question pair per image, MMBench's circular group); the bootstrap CI
+      resamples those units whole. Empty: every sample is its own unit.
     """
 
     name: ClassVar[str] = ""
@@ -56,6 +59,7 @@ class Task:
     max_new_tokens: ClassVar[int] = 8
     source: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    bootstrap_unit: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, data_dir: str | Path | None = None) -> None:
         self.data_dir = Path(data_dir) if data_dir else None

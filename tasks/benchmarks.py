@@ -79,6 +79,7 @@ class MME(HubTask):
     hub_id = source = "lmms-lab/MME"
     split = "test"
     required = ("question", "answer", "category", "question_id")
+    bootstrap_unit = ("category", "image")  # acc+ scores an image's two questions together
     description = ("MME, all 14 subtasks (2374 yes/no questions, two per image); total = perception "
                    "(/2000) + cognition (/800), each subtask scored acc + acc+")
 
@@ -265,6 +266,7 @@ class MMBench(_ChoiceTask):
     required = ("question", "answer", "A", "B")
     id_column = "index"
     circular_stride: ClassVar[int] = 1_000_000
+    bootstrap_unit = ("circular_group",)  # CircularEval scores a group's rotations together
     description = ("MMBench English dev; accuracy by CircularEval: a question counts only if all its "
                    "option-rotated copies (rows sharing index mod 1e6) are right; "
                    "single_pass_accuracy counts rows")

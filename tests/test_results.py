@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -15,7 +16,7 @@ from tokenbench.results import (
     run_file_name,
     write_run_record,
 )
-from tokenbench.stats import agreement, bootstrap_relative, compare
+from tokenbench.stats import agreement, bootstrap_relative, compare, units
 
 
 def test_record_key_is_stable_and_sensitive():
@@ -89,6 +90,26 @@ def test_relative_agreement_and_paired_bootstrap():
     assert low < result["relative"] < high <= 100.0
     assert bootstrap_relative(method, baseline, _aggregate, "acc", seed=0) == result["relative_ci"]
     assert bootstrap_relative(method, baseline, _aggregate, "acc", seed=1) != result["relative_ci"]
+
+
+def test_bootstrap_resamples_jointly_scored_samples_as_whole_units():
+    baseline = _records([1, 1, 1, 0, 1, 1, 0, 1], list("abcdefgh"))
+    method = _records([1, 0, 1, 0, 0, 1, 0, 1], list("axcdxfgh"))
+    for index, record in enumerate([*baseline, *method]):
+        record["meta"] = {"image": f"img{index % 8 // 2}", "category": "ocr"}
+    seen = []
+
+    def by_pairs(records):
+        counts = Counter(r["meta"]["image"] for r in records)
+        seen.append(all(n % 2 == 0 for n in counts.values()))
+        return _aggregate(records)
+
+    grouped = compare(method, baseline, by_pairs, "acc", seed=0, unit=("category", "image"))
+    assert grouped["relative_ci"] is not None and all(seen)
+    seen.clear()
+    compare(method, baseline, by_pairs, "acc", seed=0)
+    assert not all(seen)  # sample-level resampling splits the pairs
+    assert units([{"meta": {"g": 1}}, {"meta": {}}, {"meta": {"g": 1}}, {}], ("g",)) == [[0, 2], [1], [3]]
 
 
 def test_statistics_use_only_samples_that_succeeded_in_both():

@@ -390,7 +390,8 @@ class Harness:
         ok = [r for r in records if not r.get("error")]
         metrics = task.aggregate(ok) if ok else {}
         score = metrics.get(task.primary_metric)
-        stats = compare(records, baseline, task.aggregate, task.primary_metric, seed=self.config.seed)
+        stats = compare(records, baseline, task.aggregate, task.primary_metric, seed=self.config.seed,
+                        unit=getattr(task, "bootstrap_unit", ()))
         traces = [r["trace"] for r in ok]
         realised = sum(t["realised_tokens"] for t in traces) / len(traces) if traces else \
             efficiency.get("realised_tokens")

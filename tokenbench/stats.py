@@ -3,12 +3,14 @@
 - relative score: the method's primary metric as a percentage of the baseline's, both aggregated by
   the task over the samples that succeeded in both runs;
 - paired bootstrap: resample those samples with replacement (seeded), re-aggregate both runs on the
-  same resample, and take the percentile interval of the relative score;
+  same resample, and take the percentile interval of the relative score. Samples the task scores
+  jointly (``Task.bootstrap_unit``: MME's pairs, MMBench's circular groups) are resampled as units;
 - agreement: the fraction of those samples where both runs gave the same (normalised) answer.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,18 +46,31 @@ def agreement(method: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[st
     return same / len(method)
 
 
+def units(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[list[int]]:
+    """Indices of ``records`` grouped by the values of their ``meta[key]`` for ``keys`` (first
+    appearance order); a record without any of those keys is a group of its own."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        meta = record.get("meta") or {}
+        values = tuple(meta.get(key) for key in keys)
+        groups[tuple(map(str, values)) if any(v is not None for v in values) else ("", index)].append(index)
+    return list(groups.values())
+
+
 def bootstrap_relative(method: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]],
                        aggregate: Aggregate, metric: str, *, seed: int, resamples: int = 1000,
-                       level: float = 0.95) -> list[float] | None:
-    """Percentile interval of the relative score under a paired bootstrap over samples."""
-    n = len(method)
-    if n < 2:
+                       level: float = 0.95, unit: Sequence[str] = ()) -> list[float] | None:
+    """Percentile interval of the relative score under a paired bootstrap over samples, or over
+    groups of samples with equal ``meta`` values for the keys in ``unit``."""
+    groups = units(method, unit)
+    if len(groups) < 2:
         return None
     rng = np.random.default_rng(seed)
     values = []
-    for draw in rng.integers(0, n, size=(resamples, n)):
-        rel = relative_score(aggregate([method[i] for i in draw]).get(metric),
-                             aggregate([baseline[i] for i in draw]).get(metric))
+    for draw in rng.integers(0, len(groups), size=(resamples, len(groups))):
+        rows = [i for g in draw for i in groups[g]]
+        rel = relative_score(aggregate([method[i] for i in rows]).get(metric),
+                             aggregate([baseline[i] for i in rows]).get(metric))
         if rel is not None:
             values.append(rel)
     if not values:
@@ -66,12 +81,14 @@ def bootstrap_relative(method: Sequence[Mapping[str, Any]], baseline: Sequence[M
 
 
 def compare(method: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]],
-            aggregate: Aggregate, metric: str, *, seed: int, resamples: int = 1000) -> dict[str, Any]:
-    """Relative score, its paired bootstrap CI and agreement on the shared successful samples."""
+            aggregate: Aggregate, metric: str, *, seed: int, resamples: int = 1000,
+            unit: Sequence[str] = ()) -> dict[str, Any]:
+    """Relative score, its paired bootstrap CI (resampling ``unit`` groups, see
+    :func:`bootstrap_relative`) and agreement on the shared successful samples."""
     m, b = paired(method, baseline)
     if not m:
         return {"relative": None, "relative_ci": None, "agreement": None, "n_paired": 0}
     rel = relative_score(aggregate(m).get(metric), aggregate(b).get(metric))
     return {"relative": rel,
-            "relative_ci": bootstrap_relative(m, b, aggregate, metric, seed=seed, resamples=resamples),
+            "relative_ci": bootstrap_relative(m, b, aggregate, metric, seed=seed, resamples=resamples, unit=unit),
             "agreement": agreement(m, b), "n_paired": len(m)}
