@@ -194,6 +194,30 @@ def test_killed_run_resumes_without_recomputing_or_duplicating(tiny_llava_dir, t
         assert resumed_record["flops"] == fresh_record["flops"]
 
 
+def test_out_of_memory_fails_the_sample_and_a_resumed_run_computes_it_again(tiny_llava_dir, tmp_path):
+    output, counter = tmp_path / "oom", tmp_path / "calls"
+    args = base_args(tiny_llava_dir, output, "--methods", "oomy", "--budgets", "64", "--no-efficiency", "--json")
+    # calls 1 and 2 fail: the batch of 3, then the first sample alone (the others then pass alone)
+    env = {"TINY_SAMPLES": "3", "TINY_OOM_COUNTER": str(counter), "TINY_OOM_CALLS": "2"}
+    first = invoke(args, env=env)
+    assert first.exit_code == 0, first.output
+    failed = [r for r in samples(output) if r["error"]]
+    assert [(r["sample_id"], r["retry"]) for r in failed] == [("s0", True)]
+    assert "OutOfMemoryError: CUDA out of memory" in failed[0]["error"]
+    oomy = next(r for r in json.loads(first.stdout) if r["method"] == "oomy")
+    assert oomy["n_errors"] == 1
+    calls = int(counter.read_text())
+
+    resumed = invoke(args, env=env)
+    assert resumed.exit_code == 0, resumed.output
+    assert "1 sample(s) that failed for out of memory" in resumed.stderr
+    assert int(counter.read_text()) - calls == 1, calls  # only s0 ran again
+    oomy = next(r for r in json.loads(resumed.stdout) if r["method"] == "oomy")
+    assert oomy["n_errors"] == 0 and oomy["n_samples"] == 3
+    latest = {r["key"]: r for r in samples(output)}
+    assert not any(r["error"] for r in latest.values())
+
+
 SHRINK = {
     "llava": lambda raw: raw | {
         "text_config": raw["text_config"] | {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

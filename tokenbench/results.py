@@ -134,13 +134,16 @@ class SampleStore:
 
     Every line is flushed and fsync'ed as it is written, so a kill loses at most the record in
     flight. On opening, a torn last line (killed mid-write) is cut off with a warning on stderr and
-    its sample is recomputed; malformed lines elsewhere are skipped the same way.
+    its sample is recomputed; malformed lines elsewhere are skipped the same way. Records marked
+    ``retry`` (a sample that failed for out of memory or an accelerator fault) are not loaded, so
+    those samples are computed again.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.records: dict[str, dict[str, Any]] = {}
         self.dropped = 0
+        self.retried = 0
         self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed by close()
         try:
             if fcntl is not None:  # POSIX: one writer per output directory
@@ -160,17 +163,27 @@ class SampleStore:
             self.dropped += 1
             with open(self.path, "r+b") as handle:
                 handle.truncate(complete)
+        retry: set[str] = set()
         for line in data[:complete].decode("utf-8", errors="replace").splitlines():
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                self.records[record["key"]] = record
+                key = record["key"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 self.dropped += 1
+                continue
+            if record.get("retry"):
+                retry.add(key)
+            else:
+                self.records[key] = record
+        self.retried = len(retry - set(self.records))
         if self.dropped:
             print(f"tokenbench: warning: {self.path}: {self.dropped} incomplete record(s) dropped; "
                   f"those samples are recomputed", file=sys.stderr)
+        if self.retried:
+            print(f"tokenbench: {self.path}: {self.retried} sample(s) that failed for out of memory or an "
+                  f"accelerator fault are computed again", file=sys.stderr)
 
     def __contains__(self, key: str) -> bool:
         return key in self.records

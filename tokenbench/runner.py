@@ -238,7 +238,8 @@ class Harness:
         except Exception as exc:  # noqa: BLE001 -- recorded in the sample's record; the run goes on
             if len(ready) == 1:
                 sample, key, _ = ready[0]
-                return records + [self._error_record(task, arm, sample, key, _describe(exc))]
+                return records + [self._error_record(task, arm, sample, key, _describe(exc),
+                                                     retry=is_transient(exc))]
             # isolate the failing sample(s): retry one by one
             for sample, key, _ in ready:
                 records += self._run_batch(task, arm, compressor, [(sample, key)], prompts)
@@ -259,9 +260,13 @@ class Harness:
                 "budget": arm.budget.label if arm.budget else None, "sample_id": sample.id,
                 "meta": sample.meta}
 
-    def _error_record(self, task: Task, arm: Arm, sample: Sample, key: str, error: str) -> dict[str, Any]:
-        return self._base_record(task, arm, sample, key) | {"prediction": None, "scores": None,
-                                                             "error": error}
+    def _error_record(self, task: Task, arm: Arm, sample: Sample, key: str, error: str,
+                      retry: bool = False) -> dict[str, Any]:
+        """A failed sample. ``retry``: the failure was the machine's, not the sample's (see
+        :func:`is_transient`); the record counts as an error in this run, and a resumed run
+        computes the sample again."""
+        record = self._base_record(task, arm, sample, key) | {"prediction": None, "scores": None, "error": error}
+        return record | {"retry": True} if retry else record
 
     def _sample_record(self, task: Task, arm: Arm, sample: Sample, key: str,
                        generation: Generation) -> dict[str, Any]:
@@ -417,6 +422,17 @@ class Harness:
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+_TRANSIENT_MESSAGES = ("out of memory", "CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Out of memory or an accelerator fault: errors of the machine at that moment rather than of
+    the sample, worth computing again when the run is resumed."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TRANSIENT_MESSAGES)
 
 
 def _describe(exc: BaseException) -> str:

@@ -79,6 +79,28 @@ class Flaky(TokenCompressor):
         return Reduction(torch.arange(x.keep).expand(b, x.keep).clone())
 
 
+class OutOfMemoryAtFirst(TokenCompressor):
+    """Keeps the first ``budget`` tokens; its first ``TINY_OOM_CALLS`` calls (counted in the file
+    ``TINY_OOM_COUNTER``, across runs) raise the error CUDA raises when memory runs out."""
+
+    name = "oomy"
+    stages = (Stage.VISION_OUT,)
+
+    def schedule(self, n_visual, budget, info):
+        return [(Site(Stage.VISION_OUT), round(budget))]
+
+    def reduce(self, x):
+        counter = os.environ.get("TINY_OOM_COUNTER")
+        if counter:
+            calls = int(open(counter).read() or 0) if os.path.exists(counter) else 0
+            with open(counter, "w") as handle:
+                handle.write(str(calls + 1))
+            if calls < int(os.environ.get("TINY_OOM_CALLS", "0")):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        b = x.visual.shape[0]
+        return Reduction(torch.arange(x.keep).expand(b, x.keep).clone())
+
+
 @tokenbench.hookimpl
 def register_tasks(register):
     register(TinyTask)
@@ -87,3 +109,4 @@ def register_tasks(register):
 @tokenbench.hookimpl
 def register_compressors(register):
     register(Flaky)
+    register(OutOfMemoryAtFirst)
