@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -92,9 +93,8 @@ class OutOfMemoryAtFirst(TokenCompressor):
     def reduce(self, x):
         counter = os.environ.get("TINY_OOM_COUNTER")
         if counter:
-            calls = int(open(counter).read() or 0) if os.path.exists(counter) else 0
-            with open(counter, "w") as handle:
-                handle.write(str(calls + 1))
+            calls = int(Path(counter).read_text() or 0) if os.path.exists(counter) else 0
+            Path(counter).write_text(str(calls + 1))
             if calls < int(os.environ.get("TINY_OOM_CALLS", "0")):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         b = x.visual.shape[0]
