@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
+from tokenbench.tasks import shapes
 from tokenbench.tasks.shapes import ShapesTask
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from tokenbench.zoo import DEFAULT_MODEL, EMBEDDED, train
+from tokenbench.zoo.data import ScenePool, language_batch
 
 CHECKPOINT = EMBEDDED[DEFAULT_MODEL]
 
@@ -50,6 +54,35 @@ def test_processor_expands_the_image_token_like_llava_1_5(loaded):
     assert torch.equal(inputs["pixel_values"], train.pixel_values([sample.load_image()]))
 
 
+def test_scene_pool_renders_the_same_scenes_in_workers_and_in_process():
+    one = ScenePool.render(train.VISION_SPLIT, 6, workers=1)
+    two = ScenePool.render(train.VISION_SPLIT, 6, workers=2)
+    assert torch.equal(one.images, two.images) and torch.equal(one.labels, two.labels)
+    assert one.images.shape == (6, 336, 336, 3) and one.labels.shape == (6, 4, 144)
+    assert one.families == list(shapes.FAMILIES)
+    assert torch.equal(one.pixels(torch.arange(2)), train.pixel_values([shapes.render(s) for s in one.scenes[:2]]))
+
+
+def test_language_batch_keeps_object_patches_and_supervises_only_answers():
+    processor = train.build_processor()
+    tokenizer = processor.tokenizer
+    pool = ScenePool.render(train.LANGUAGE_SPLIT, 4)
+    batch = language_batch(tokenizer, pool, [0, 1, 2, 3], turns=6, seed=5, background=0.0)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    for row in range(4):
+        kept = batch["visual_index"][row]
+        assert torch.equal(kept, (pool.labels[row, 1] > 0).nonzero().flatten())
+        assert int((batch["input_ids"][row] == image_id).sum()) == len(kept)
+        answers = batch["labels"][row][batch["labels"][row] >= 0].tolist()
+        assert answers[1::2] == [tokenizer.eos_token_id] * (len(answers) // 2) and len(answers) >= 4
+    first = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0] > 0])
+    assert first.startswith("user : <image>") and "assistant :" in first
+    again = language_batch(tokenizer, pool, [0, 1, 2, 3], turns=6, seed=5, background=0.0)
+    other = language_batch(tokenizer, pool, [0, 1, 2, 3], turns=6, seed=6, background=0.0)
+    assert torch.equal(batch["input_ids"], again["input_ids"])
+    assert not torch.equal(batch["input_ids"], other["input_ids"])  # a new pass asks new questions
+
+
 def test_trained_model_answers_held_out_questions(loaded):
     model, processor = loaded
     metrics = train.evaluate(model, processor, limit=24, batch=12)
@@ -60,8 +93,6 @@ def test_trained_model_answers_held_out_questions(loaded):
 
 
 def test_patch_labels_follow_the_objects():
-    from tokenbench.tasks import shapes
-
     scene = shapes.Scene([shapes.Shape("square", "blue", cx=84, cy=84, size=112)],
                          shapes.Letter("K", 290, 290), background_seed=1)
     labels = train.patch_labels(scene).reshape(4, 12, 12)
@@ -75,14 +106,39 @@ def test_a_few_training_steps_reduce_nothing_to_nan_and_move_the_weights():
     torch.set_num_threads(1)
     processor = train.build_processor()
     model = train.build_model(processor.tokenizer, seed=0)
+    pool = ScenePool.render(train.VISION_SPLIT, 4)
     tower_before = model.model.vision_tower.embeddings.patch_embedding.weight.clone()
-    train.pretrain_vision(model, steps=2, batch=2, log=lambda _: None)
+    train.pretrain_vision(model, pool, steps=2, batch=2, log=lambda _: None)
     assert not torch.equal(tower_before, model.model.vision_tower.embeddings.patch_embedding.weight)
     tower_after = model.model.vision_tower.embeddings.patch_embedding.weight.clone()
     head_before = model.lm_head.weight.clone()
     losses = []
-    train.train_language(model, processor.tokenizer, steps=2, batch=2, turns=2,
+    features = train.encode(model, pool)
+    train.init_projector_from_probe(model, train.fit_probe(features, pool.labels, steps=2, log=lambda _: None))
+    train.train_language(model, processor.tokenizer, pool, features, steps=2, batch=2, turns=2,
                          log=lambda line: losses.append(float(line.split("loss ")[1].split()[0])))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(head_before, model.lm_head.weight)
     assert torch.equal(tower_after, model.model.vision_tower.embeddings.patch_embedding.weight)
+
+
+def test_training_conversations_ask_every_family_and_the_position_question():
+    from collections import Counter
+
+    from tokenbench.zoo.data import ask_position, questions
+
+    asked = Counter()
+    for index in range(120):
+        family = shapes.FAMILIES[index % len(shapes.FAMILIES)]
+        scene = shapes.make_scene(train.LANGUAGE_SPLIT, index, family)[0]
+        pairs = questions(scene, family, random.Random(index), turns=8)
+        assert len(pairs) == 8 and len(set(pairs)) >= 4
+        first = shapes.ask(family, scene, random.Random(index))
+        assert first is None or pairs[0][0].split()[:2] == first[0].split()[:2]
+        asked.update(" ".join(q.split()[:2]) for q, _ in pairs)
+    assert set(asked) == {"is there", "how many", "what color", "what shape", "is the", "what letter"}
+    assert min(asked.values()) > 0.5 * max(asked.values())
+    scene = shapes.Scene([shapes.Shape("circle", "red", 60, 100, 40), shapes.Shape("star", "blue", 280, 200, 40),
+                          shapes.Shape("square", "green", 170, 300, 40)], shapes.Letter("K", 10, 10), 1)
+    seen = {ask_position(scene, random.Random(seed)) for seed in range(20)}
+    assert seen == {("is the circle left or right?", "left"), ("is the star left or right?", "right")}

@@ -3,22 +3,28 @@
 Training a LLaVA from scratch end to end on a CPU stays at chance level (the decoder has nothing to
 look at until the vision tower sees something), so this follows LLaVA's own recipe in miniature:
 
-1. **vision**: the CLIP tower learns with dense per-patch labels (colour, shape, letter, object
-   centre of whatever covers each patch), read from the layer LLaVA feeds the projector
+1. **vision**: the CLIP tower learns dense per-patch labels (colour, shape, letter and object centre
+   of whatever covers each patch, and the patch's column) on the layer LLaVA feeds the projector
    (``vision_feature_layer=-2``, CLS dropped). Linear heads, thrown away afterwards.
 2. **probe**: fresh linear heads on the frozen tower initialise the projector's first rows, so the
-   visual tokens carry plain class scores from the first language step.
-3. **language**: the tower is frozen; projector + Llama decoder learn the shapes questions. Each image
-   carries several questions as a multi-turn conversation (the first turn is exactly the evaluation
-   prompt), so the 144 image tokens are paid once for many supervised answers; loss on answers only.
-   Two curricula get the decoder past the answer-prior plateau: few large objects first, and only
-   the object patches plus a growing share of background patches during the first half.
+   visual tokens carry plain class scores from the first language step: the dense labels, the
+   colour-shape pair, the shape at object centres, and the column as one number.
+3. **language**: the tower is frozen and its features are computed once per image; projector +
+   Llama decoder learn the shapes questions. Each image carries several questions as a multi-turn
+   conversation (the first turn is exactly the evaluation prompt), so the 144 image tokens are paid
+   once for many supervised answers; loss on answers only. A training-only question ("is the
+   circle left or right?") leads up to the left/right relation. The decoder first sees only the
+   object patches plus a share of background patches growing from 5% to all over the first 20% of
+   steps, then the evaluation's full 144-token images.
+
+Rendering is the slow part of a step, so each split is rendered once into a pool (in worker
+processes) and passed over several times, with new questions on every pass. ``--device cuda``
+trains on a GPU.
 
 Deterministic from ``--seed`` (torch) and fixed data splits (vision: split 1, language: split 2,
 validation: split 3; the evaluation split 0 is never trained on). Geometry: 336-px images with 28-px
 patches give a 12×12 grid of 144 visual tokens (LLaVA-1.5's 576 is too slow to train on a CPU), so
-the default budgets are the LLaVA-1.5 retention ratios 33.3/22.2/11.1%. On 2 shared CPU cores the
-defaults take about 45 minutes (vision ~17, language ~25).
+the default budgets are the LLaVA-1.5 retention ratios 33.3/22.2/11.1%.
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (
@@ -44,45 +49,39 @@ from transformers import (
 )
 
 from tokenbench.tasks import shapes
-from tokenbench.tiny_models import simple_chat_template, word_level_tokenizer
+from tokenbench.tiny_models import llava_processor, llava_tokenizer
+from tokenbench.zoo.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    GRID,
+    LABELS,
+    LETTER_SHAPE,
+    N_VISUAL,
+    PATCH,
+    ScenePool,
+    language_batch,
+    patch_labels,
+    pixel_values,
+    vocabulary,
+)
 
-PATCH = 28
-GRID = shapes.IMAGE_SIZE // PATCH
-N_VISUAL = GRID * GRID
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+__all__ = ["N_VISUAL", "PATCH", "build_model", "build_processor", "evaluate", "patch_labels", "pixel_values",
+           "pretrain_vision", "train_language"]
+
 VISION_SPLIT, LANGUAGE_SPLIT, VALIDATION_SPLIT = 1, 2, 3
-# heads of the dense vision objective: classes per patch (index 0 = nothing there)
-DENSE_HEADS = {"colour": len(shapes.COLOURS) + 1, "shape": len(shapes.SHAPES) + 2,
-               "letter": len(shapes.LETTERS) + 1, "centre": 2}
-CURRICULUM = ((0.15, 1), (0.35, 2))  # (fraction of language steps, max objects per scene)
-# background patches reaching the decoder grow from 5% to all over this fraction of language steps:
-# with few distractors the decoder learns quickly where to look, then learns to ignore the rest
-BACKGROUND_RAMP = 0.5
-MIN_PATCH_PIXELS = 24  # pixels an object needs inside a 28×28 patch to label it
-
-
-def vocabulary() -> list[str]:
-    """Every word the task's questions and answers use, plus the chat roles."""
-    words = ["user", "assistant", ":", "?", "is", "there", "a", "how", "many", "are", "what", "color",
-             "the", "shape", "object", "left", "or", "right", "of", "letter", "in", "image", "yes", "no"]
-    words += [*shapes.COLOURS, *shapes.SHAPES, *shapes.PLURALS.values(), *shapes.COUNT_WORDS,
-              *(c.lower() for c in shapes.LETTERS)]
-    return list(dict.fromkeys(words))
+# heads of the dense vision objective: the label rows, plus each patch's column (for left/right)
+DENSE_HEADS = {**LABELS, "column": GRID}
+# background patches reaching the decoder grow from 5% to all over this fraction of language steps
+BACKGROUND_RAMP = 0.2
 
 
 def build_processor() -> LlavaProcessor:
     """LLaVA-1.5's processor at this geometry: CLIP preprocessing at 336 px, ``<image>`` → 144 tokens."""
-    template = simple_chat_template()
-    tokenizer = word_level_tokenizer(vocabulary(), special_tokens=("<unk>", "<pad>", "<s>", "</s>", "<image>"),
-                                     chat_template=template, extra_attributes={"image_token": "<image>"})
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": shapes.IMAGE_SIZE}, crop_size={"height": shapes.IMAGE_SIZE,
-                                                              "width": shapes.IMAGE_SIZE},
-        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=template)
+    size = shapes.IMAGE_SIZE
+    # the class llava-hf checkpoints name (transformers picks its backend when loading)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return llava_processor(llava_tokenizer(vocabulary()), size, PATCH, image_processor=image_processor)
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:
@@ -108,39 +107,6 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForCo
     return model
 
 
-def pixel_values(images: Sequence) -> torch.Tensor:
-    """CLIP normalisation of 336-px RGB images: what the processor computes, without its overhead."""
-    array = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0
-    array = (array - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
-
-
-def patch_labels(scene: shapes.Scene) -> torch.Tensor:
-    """[4, 144] per-patch targets (colour, shape, letter, centre) of the object covering each patch."""
-    mask = shapes.object_mask(scene)
-    n_ids = len(scene.objects) + 2
-    onehot = np.eye(n_ids, dtype=np.int32)[mask].reshape(GRID, PATCH, GRID, PATCH, n_ids)
-    counts = onehot.sum(axis=(1, 3)).reshape(N_VISUAL, n_ids)
-    counts[:, 0] = 0
-    owner = np.where(counts.max(axis=1) >= MIN_PATCH_PIXELS, counts.argmax(axis=1), 0)
-    colour_ids = [list(shapes.COLOURS).index(o.colour) + 1 for o in scene.objects]
-    shape_ids = [shapes.SHAPES.index(o.shape) + 1 for o in scene.objects]
-    letter_box = scene.letter.box
-    centres = [(o.cy // PATCH) * GRID + o.cx // PATCH for o in scene.objects]
-    centres.append(((letter_box[1] + letter_box[3]) // 2 // PATCH) * GRID
-                   + (letter_box[0] + letter_box[2]) // 2 // PATCH)
-    table = np.zeros((4, n_ids), dtype=np.int64)
-    table[0, 1:-1], table[1, 1:-1] = colour_ids, shape_ids
-    table[1, -1] = len(shapes.SHAPES) + 1
-    table[2, -1] = shapes.LETTERS.index(scene.letter.char) + 1
-    labels = table[:, owner]
-    labels[3] = 0
-    for index, centre in enumerate(centres):
-        if owner[min(max(centre, 0), N_VISUAL - 1)] == index + 1:
-            labels[3, centre] = 1
-    return torch.from_numpy(labels)
-
-
 def vision_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
     """The patch features LLaVA hands the projector: penultimate CLIP layer, CLS dropped."""
     out = model.model.vision_tower(pixels, output_hidden_states=True)
@@ -154,35 +120,46 @@ def _scheduled_lr(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _scenes(split: int, start: int, count: int) -> list[shapes.Scene]:
-    return [shapes.make_scene(split, i, shapes.FAMILIES[i % len(shapes.FAMILIES)])[0]
-            for i in range(start, start + count)]
+def _epoch_batches(size: int, batch: int, seed: int):
+    """Endless shuffled batches of row indices, a new permutation every pass."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(size, generator=generator)
+        for start in range(0, size - batch + 1, batch):
+            yield order[start:start + batch]
 
 
-def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int = 32, lr: float = 2e-3,
-                    log: Callable[[str], None] = print) -> dict[str, float]:
-    """Stage 1: dense per-patch classification on the features LLaVA uses; returns head accuracies."""
+def _dense_targets(labels: torch.Tensor) -> list[torch.Tensor]:
+    """Per-head targets [B, 144] for DENSE_HEADS from a batch of patch labels [B, 4, 144]."""
+    column = torch.arange(N_VISUAL, device=labels.device) % GRID
+    return [*labels.unbind(1), column.expand(len(labels), -1)]
+
+
+def pretrain_vision(model: LlavaForConditionalGeneration, pool: ScenePool, steps: int, batch: int = 32,
+                    lr: float = 2e-3, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Stage 1: dense per-patch classification on the features LLaVA uses; returns the last step's
+    accuracy per head on object patches (all patches for ``column``)."""
     tower = model.model.vision_tower
     width = model.config.vision_config.hidden_size
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in DENSE_HEADS.items()})
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in DENSE_HEADS.items()}).to(model.device)
     params = [*tower.parameters(), *heads.parameters()]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     tower.train()
     started, accuracy = time.time(), {}
+    batches = _epoch_batches(len(pool), min(batch, len(pool)), seed)
     for step in range(steps):
-        scenes = _scenes(VISION_SPLIT, step * batch, batch)
-        pixels = pixel_values([shapes.render(s) for s in scenes])
-        labels = torch.stack([patch_labels(s) for s in scenes])  # [B, 4, N]
-        features = vision_features(model, pixels)
+        rows = next(batches)
+        labels = pool.labels[rows].to(model.device)
+        features = vision_features(model, pool.pixels(rows).to(model.device))
+        # objects are rare among patches: weigh object patches up, an object's centre and the letter most
+        on_object = labels[:, 1] > 0
+        weight = 1.0 + 4.0 * on_object + 4.0 * (labels[:, 3] > 0) + 4.0 * (labels[:, 1] == LETTER_SHAPE)
         losses, accuracy = [], {}
-        for k, (name, head) in enumerate(heads.items()):
+        for (name, head), target in zip(heads.items(), _dense_targets(labels)):
             logits = head(features)
-            target = labels[:, k]
-            # objects are rare among patches: weigh object patches up so they are not ignored
-            weight = torch.where(target > 0, 4.0, 1.0) + 4.0 * (labels[:, 1] == len(shapes.SHAPES) + 1)
             losses.append((F.cross_entropy(logits.transpose(1, 2), target, reduction="none") * weight).mean())
-            hit = logits.argmax(-1) == target
-            accuracy[name] = hit[target > 0].float().mean().item()
+            scored = on_object if name != "column" else torch.ones_like(on_object)
+            accuracy[name] = (logits.argmax(-1) == target)[scored].float().mean().item()
         for group in optimiser.param_groups:
             group["lr"] = _scheduled_lr(step, steps, lr, warmup=min(50, steps // 10 + 1))
         optimiser.zero_grad()
@@ -190,7 +167,7 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
-        if step % 25 == 0 or step == steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             elapsed = time.time() - started
             log(f"vision step {step}/{steps} loss {loss.item():.3f} object-patch acc "
                 + " ".join(f"{k} {v:.2f}" for k, v in accuracy.items())
@@ -199,19 +176,43 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
     return accuracy
 
 
-def fit_probe(model: LlavaForConditionalGeneration, steps: int = 40, batch: int = 32, lr: float = 1e-2,
+@torch.no_grad()
+def encode(model: LlavaForConditionalGeneration, pool: ScenePool, batch: int = 64) -> torch.Tensor:
+    """[N, 144, width] frozen-tower features of every pool image (computed once for the language
+    stage; kept on the CPU)."""
+    return torch.cat([vision_features(model, pool.pixels(torch.arange(s, min(s + batch, len(pool))))
+                                      .to(model.device)).cpu()
+                      for s in range(0, len(pool), batch)])
+
+
+N_PAIRS = len(shapes.COLOURS) * len(shapes.SHAPES)
+# what the probe that seeds the projector reads off each patch: the dense labels, plus what the
+# questions combine (a colour-shape pair for existence, a shape at an object's centre for counting)
+# and the column as one number, so left/right becomes a subtraction
+PROBE_HEADS = {**DENSE_HEADS, "pair": N_PAIRS + 1, "centre_shape": len(shapes.SHAPES) + 1, "x": 1}
+
+
+def _probe_targets(labels: torch.Tensor) -> list[torch.Tensor]:
+    """Targets [B, 144] for PROBE_HEADS (float for ``x``, class ids for the others)."""
+    colour, shape, _, centre = labels.unbind(1)
+    is_shape = (shape > 0) & (shape < LETTER_SHAPE)
+    pair = torch.where(is_shape, (colour - 1) * len(shapes.SHAPES) + shape, 0)
+    centre_shape = torch.where(is_shape & (centre > 0), shape, 0)
+    x = 2.0 * (torch.arange(N_VISUAL) % GRID) / (GRID - 1)  # 0..2, where the projector's GELU is monotonic
+    return [*_dense_targets(labels), pair, centre_shape, x.expand(len(labels), -1)]
+
+
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, steps: int = 200, lr: float = 1e-2,
               log: Callable[[str], None] = print) -> torch.nn.ModuleDict:
-    """Linear heads for the dense labels on the frozen tower's features (a linear probe)."""
-    width = model.config.vision_config.hidden_size
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in DENSE_HEADS.items()})
+    """Linear heads for PROBE_HEADS on frozen features [N, 144, width] (a linear probe)."""
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(features.shape[-1], n) for k, n in PROBE_HEADS.items()})
     optimiser = torch.optim.Adam(heads.parameters(), lr=lr)
-    for step in range(steps):
-        scenes = _scenes(VISION_SPLIT, 10_000_000 + step * batch, batch)
-        with torch.no_grad():
-            features = vision_features(model, pixel_values([shapes.render(s) for s in scenes]))
-        labels = torch.stack([patch_labels(s) for s in scenes])
-        loss = sum(F.cross_entropy(head(features).transpose(1, 2), labels[:, k])
-                   for k, head in enumerate(heads.values()))
+    batches = _epoch_batches(len(features), min(64, len(features)), seed=1)
+    for _ in range(steps):
+        rows = next(batches)
+        loss = sum(F.mse_loss(head(features[rows])[..., 0], target) if target.is_floating_point()
+                   else F.cross_entropy(head(features[rows]).transpose(1, 2), target)
+                   for head, target in zip(heads.values(), _probe_targets(labels[rows])))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -221,136 +222,62 @@ def fit_probe(model: LlavaForConditionalGeneration, steps: int = 40, batch: int 
 
 def init_projector_from_probe(model: LlavaForConditionalGeneration, heads: torch.nn.ModuleDict) -> None:
     """The projector's first rows become the probe's class logits, so from the first language step
-    every visual token says plainly which colour, shape and letter lies under it; the other rows
-    keep their random initialisation (position and anything else the tower encodes)."""
+    every visual token says plainly which colour, shape, letter and column lies under it; the other
+    rows keep their random initialisation."""
     weight = torch.cat([h.weight for h in heads.values()])
     bias = torch.cat([h.bias for h in heads.values()])
     first = model.model.multi_modal_projector.linear_1
     with torch.no_grad():
-        first.weight[:len(weight)] = weight
-        first.bias[:len(bias)] = bias
+        first.weight[:len(weight)] = weight.to(first.weight.device)
+        first.bias[:len(bias)] = bias.to(first.bias.device)
 
 
-def conversation(tokenizer: PreTrainedTokenizerFast, split: int, index: int, turns: int,
-                 family: str | None = None, max_objects: int | None = None
-                 ) -> tuple[shapes.Scene, list[int], list[int]]:
-    """One training image with up to ``turns`` questions as a multi-turn chat: (scene, ids, labels).
-
-    The first turn is the evaluation prompt format; labels are -100 except answers and their EOS.
-    """
-    family = family or shapes.FAMILIES[index % len(shapes.FAMILIES)]
-    scene, rng, focus = shapes.make_scene(split, index, family, max_objects)
-    order = [family] + rng.sample([f for f in shapes.FAMILIES if f != family], len(shapes.FAMILIES) - 1)
-    ids: list[int] = []
-    labels: list[int] = []
-    for k, asked_family in enumerate(order):
-        asked = shapes.ask(asked_family, scene, rng, focus if k == 0 else None)
-        if asked is None:
-            continue
-        question, answer, _ = asked
-        image = "<image>" * N_VISUAL if not ids else ""
-        prompt = tokenizer.encode(f"USER: {image} {question} ASSISTANT:", add_special_tokens=False)
-        reply = [tokenizer.convert_tokens_to_ids(answer), tokenizer.eos_token_id]
-        ids += prompt + reply
-        labels += [-100] * len(prompt) + reply
-        if len([x for x in labels if x >= 0]) >= 2 * turns:
-            break
-    return scene, ids, labels
+def answer_logits(model: LlavaForConditionalGeneration, features: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Decoder logits for a :func:`language_batch` whose visual tokens are the kept rows of cached
+    tower ``features`` [N, 144, width], projected by the model's own projector."""
+    kept = torch.cat([features[row, index] for row, index in zip(batch["rows"].tolist(), batch["visual_index"])])
+    input_ids = batch["input_ids"].to(model.device)
+    embeds = model.get_input_embeddings()(input_ids)
+    slots = (input_ids == model.config.image_token_id)[..., None]
+    embeds = embeds.masked_scatter(slots, model.model.multi_modal_projector(kept.to(model.device)).to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(model.device)).logits
 
 
-def _drop_background(tokenizer: PreTrainedTokenizerFast, scene: shapes.Scene, ids: list[int], labels: list[int],
-                     background: float, generator: torch.Generator) -> tuple[list[int], list[int], torch.Tensor]:
-    """Keeps every patch an object or the letter covers and a ``background`` fraction of the rest;
-    returns the shortened ids and labels and the kept patch indices."""
-    occupied = patch_labels(scene)[1] > 0
-    kept = (occupied | (torch.rand(N_VISUAL, generator=generator) < background)).nonzero().flatten()
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    first = ids.index(image_id)
-    ids = ids[:first] + [image_id] * len(kept) + ids[first + N_VISUAL:]
-    labels = labels[:first] + [-100] * len(kept) + labels[first + N_VISUAL:]
-    return ids, labels, kept
-
-
-def language_batch(tokenizer: PreTrainedTokenizerFast, split: int, start: int, batch: int, turns: int,
-                   max_objects: int | None = None, background: float | None = None
-                   ) -> dict[str, torch.Tensor]:
-    """A padded batch of conversations. With ``background`` < 1 only the object patches and that
-    fraction of background patches reach the decoder (``visual_index`` lists them per row)."""
-    items = [conversation(tokenizer, split, i, turns, max_objects=max_objects)
-             for i in range(start, start + batch)]
-    kept_rows = None
-    if background is not None and background < 1:
-        generator = torch.Generator().manual_seed(start)
-        dropped = [_drop_background(tokenizer, scene, ids, lab, background, generator) for scene, ids, lab in items]
-        items = [(scene, ids, lab) for (scene, _, _), (ids, lab, _) in zip(items, dropped)]
-        kept_rows = [kept for _, _, kept in dropped]
-    length = max(len(ids) for _, ids, _ in items)
-    input_ids = torch.full((batch, length), tokenizer.pad_token_id)
-    labels = torch.full((batch, length), -100)
-    attention = torch.zeros((batch, length), dtype=torch.long)
-    for row, (_, ids, lab) in enumerate(items):  # right padding: answers sit at fixed offsets
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(lab)] = torch.tensor(lab)
-        attention[row, :len(ids)] = 1
-    data = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-            "pixel_values": pixel_values([shapes.render(scene) for scene, _, _ in items])}
-    if kept_rows is not None:
-        data["visual_index"] = kept_rows
-    return data
-
-
-def answer_loss(model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy on answer tokens only, and which answer tokens the model predicts right."""
-    if "visual_index" in batch:  # only some visual tokens: place their features by hand
-        features = model.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-2,
-                                            vision_feature_select_strategy="default").pooler_output
-        kept = torch.cat([rows[index] for rows, index in zip(features, batch["visual_index"])])
-        embeds = model.get_input_embeddings()(batch["input_ids"])
-        slots = (batch["input_ids"] == model.config.image_token_id)[..., None]
-        embeds = embeds.masked_scatter(slots, kept.to(embeds.dtype))
-        logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits[:, :-1]
-    else:
-        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                       attention_mask=batch["attention_mask"]).logits[:, :-1]
-    targets = batch["labels"][:, 1:]
-    supervised = targets >= 0
-    loss = F.cross_entropy(logits[supervised], targets[supervised])
-    return loss, logits[supervised].argmax(-1) == targets[supervised]
-
-
-def train_language(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, steps: int,
-                   batch: int = 16, turns: int = 6, lr: float = 1e-3,
-                   curriculum: Sequence[tuple[float, int]] = CURRICULUM,
-                   log: Callable[[str], None] = print,
-                   every: int = 0, callback: Callable[[int], None] | None = None) -> None:
-    """Stage 2: projector + decoder on multi-turn shapes conversations; the vision tower is frozen.
-
-    ``curriculum``: (fraction of steps, max objects) phases of large-object scenes before the task's
-    own scenes, so the decoder first learns where to look. ``callback(step)`` runs every ``every``
+def train_language(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, pool: ScenePool,
+                   features: torch.Tensor, steps: int, batch: int = 16, turns: int = 6, lr: float = 1e-3,
+                   seed: int = 0, log: Callable[[str], None] = print, every: int = 0,
+                   callback: Callable[[int], None] | None = None) -> None:
+    """Stage 2: projector + decoder on multi-turn conversations about the pool's scenes (the tower
+    is frozen; ``features`` are its outputs for the pool). ``callback(step)`` runs every ``every``
     steps (snapshots, validation) in eval mode."""
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
-    started, seen = time.time(), 0
+    started, seen, answered = time.time(), 0, 0
+    batches = _epoch_batches(len(pool), min(batch, len(pool)), seed)
     for step in range(steps):
-        max_objects = next((n for until, n in curriculum if step < until * steps), None)
-        background = min(1.0, 0.05 + step / (BACKGROUND_RAMP * steps)) if BACKGROUND_RAMP else None
-        data = language_batch(tokenizer, LANGUAGE_SPLIT, step * batch, batch, turns, max_objects, background)
+        background = min(1.0, 0.05 + step / (BACKGROUND_RAMP * steps)) if BACKGROUND_RAMP else 1.0
+        data = language_batch(tokenizer, pool, next(batches).tolist(), turns=turns, seed=seed * 100_003 + step,
+                              background=background)
         for group in optimiser.param_groups:
-            group["lr"] = _scheduled_lr(step, steps, lr, warmup=min(50, steps // 10 + 1))
-        loss, hits = answer_loss(model, data)
+            group["lr"] = _scheduled_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+        logits = answer_logits(model, features, data)[:, :-1]
+        targets = data["labels"][:, 1:].to(logits.device)
+        supervised = targets >= 0
+        loss = F.cross_entropy(logits[supervised], targets[supervised])
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
-        seen += batch
-        if step % 25 == 0 or step == steps - 1:
+        seen += len(data["rows"])
+        answered += int(supervised.sum()) // 2
+        if step % 50 == 0 or step == steps - 1:
             elapsed = time.time() - started
-            log(f"language step {step}/{steps} loss {loss.item():.3f} answer-token acc "
-                f"{hits.float().mean().item():.2f} | {seen / elapsed:.1f} images/s "
-                f"({hits.numel() / 2 * seen / batch / elapsed:.1f} questions/s), {elapsed:.0f}s")
+            hits = logits[supervised].argmax(-1) == targets[supervised]
+            words = hits[targets[supervised] != tokenizer.eos_token_id]
+            log(f"language step {step}/{steps} loss {loss.item():.3f} answer acc {words.float().mean().item():.2f} "
+                f"| {seen / elapsed:.1f} images/s ({answered / elapsed:.1f} questions/s), {elapsed:.0f}s")
         if callback is not None and every and (step + 1) % every == 0:
             model.eval()
             callback(step + 1)
@@ -359,36 +286,32 @@ def train_language(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTo
 
 
 @torch.no_grad()
-def validate(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, count: int = 96,
-             batch: int = 24) -> dict[str, float]:
-    """Teacher-forced single-question answer accuracy per family on the validation split (fast)."""
-    hits_by_family: dict[str, list[bool]] = {f: [] for f in shapes.FAMILIES}
-    for start in range(0, count, batch):
-        data = language_batch(tokenizer, VALIDATION_SPLIT, start, batch, turns=1)
-        logits = model(input_ids=data["input_ids"], pixel_values=data["pixel_values"],
-                       attention_mask=data["attention_mask"]).logits[:, :-1]
-        targets = data["labels"][:, 1:]
-        first_answer = (targets >= 0).int().argmax(1)
-        rows = torch.arange(len(targets))
-        hits = logits[rows, first_answer].argmax(-1) == targets[rows, first_answer]
-        for offset, hit in enumerate(hits.tolist()):
-            hits_by_family[shapes.FAMILIES[(start + offset) % len(shapes.FAMILIES)]].append(hit)
-    result = {f: sum(h) / len(h) for f, h in hits_by_family.items() if h}
-    result["all"] = sum(sum(h) for h in hits_by_family.values()) / count
+def validate(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, pool: ScenePool,
+             features: torch.Tensor, batch: int = 48) -> dict[str, float]:
+    """Teacher-forced accuracy of the first answer word (the evaluation prompt, all 144 visual
+    tokens) per family on a validation pool: fast, and close to the generated accuracy."""
+    hits: dict[str, list[bool]] = {f: [] for f in shapes.FAMILIES}
+    for start in range(0, len(pool), batch):
+        rows = list(range(start, min(start + batch, len(pool))))
+        data = language_batch(tokenizer, pool, rows, turns=1, seed=0)
+        logits = answer_logits(model, features, data)[:, :-1]
+        targets = data["labels"][:, 1:].to(logits.device)
+        first = (targets >= 0).int().argmax(1)
+        index = torch.arange(len(rows))
+        right = logits[index, first].argmax(-1) == targets[index, first]
+        for row, hit in zip(rows, right.tolist()):
+            hits[pool.families[row]].append(hit)
+    result = {f: sum(h) / len(h) for f, h in hits.items() if h}
+    result["all"] = sum(sum(h) for h in hits.values()) / len(pool)
     return result
 
 
 @torch.no_grad()
 def evaluate(model: LlavaForConditionalGeneration, processor: LlavaProcessor, limit: int = 120,
-             batch: int = 20, keep: int | None = None, seed: int = 0) -> dict[str, float]:
-    """Held-out accuracy through ``generate`` on the task's own samples (split 0).
-
-    ``keep`` drops all but ``keep`` random visual tokens before the decoder (a quick stand-in for
-    the ``random`` baseline, with contiguous positions), to check the task discriminates.
-    """
+             batch: int = 20) -> dict[str, float]:
+    """Held-out accuracy through the processor and ``generate`` on the task's own samples (split 0)."""
     task = shapes.ShapesTask()
     samples = list(task.samples(limit))
-    generator = torch.Generator().manual_seed(seed)
     records = []
     model.eval()
     for start in range(0, len(samples), batch):
@@ -396,71 +319,106 @@ def evaluate(model: LlavaForConditionalGeneration, processor: LlavaProcessor, li
         texts = [processor.apply_chat_template([{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": s.prompt}]}], add_generation_prompt=True)
             for s in chunk]
-        images = [s.load_image() for s in chunk]
-        if keep is None:
-            inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-            out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False)
-            new = out[:, inputs["input_ids"].shape[1]:]
-        else:
-            new = _generate_random_keep(model, processor, images, texts, keep, generator,
-                                        task.max_new_tokens)
+        inputs = processor(images=[s.load_image() for s in chunk], text=texts, return_tensors="pt",
+                           padding=True).to(model.device)
+        out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]
         for sample, tokens in zip(chunk, processor.tokenizer.batch_decode(new, skip_special_tokens=True)):
             records.append({"sample_id": sample.id, "prediction": tokens,
                             "scores": task.score(sample, tokens), "meta": sample.meta})
     return task.aggregate(records)
 
 
-def _generate_random_keep(model: LlavaForConditionalGeneration, processor: LlavaProcessor, images: list,
-                          texts: list[str], keep: int, generator: torch.Generator,
-                          max_new_tokens: int) -> torch.Tensor:
-    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    features = model.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
-                                        vision_feature_select_strategy="default").pooler_output
-    features = torch.stack(list(features))
-    chosen = torch.rand(len(images), N_VISUAL, generator=generator).topk(keep, dim=1).indices.sort(1).values
-    kept = features.gather(1, chosen[..., None].expand(-1, -1, features.shape[-1]))
-    short = [t.replace("<image>", "<image>" * keep) for t in texts]
-    tokens = processor.tokenizer(short, return_tensors="pt", padding=True)
-    embeds = model.get_input_embeddings()(tokens["input_ids"])
-    slots = tokens["input_ids"] == model.config.image_token_id
-    embeds[slots] = kept.reshape(-1, kept.shape[-1]).to(embeds.dtype)
-    return model.generate(inputs_embeds=embeds, attention_mask=tokens["attention_mask"],
-                          max_new_tokens=max_new_tokens, do_sample=False)
+def _parameter_counts(model: LlavaForConditionalGeneration) -> dict[str, int]:
+    counts = {"vision_tower": model.model.vision_tower, "projector": model.model.multi_modal_projector}
+    result = {name: sum(p.numel() for p in module.parameters()) for name, module in counts.items()}
+    result["total"] = sum(p.numel() for p in model.parameters())
+    result["language_model_and_head"] = result["total"] - result["vision_tower"] - result["projector"]
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     from tokenbench.zoo import DEFAULT_MODEL, EMBEDDED
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tokenbench.zoo.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=EMBEDDED[DEFAULT_MODEL])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-steps", type=int, default=300)
-    parser.add_argument("--probe-steps", type=int, default=40)
-    parser.add_argument("--language-steps", type=int, default=1500)
+    parser.add_argument("--vision-images", type=int, default=8000)
+    parser.add_argument("--vision-steps", type=int, default=1500)
+    parser.add_argument("--language-images", type=int, default=12000)
+    parser.add_argument("--language-steps", type=int, default=3000)
+    parser.add_argument("--validation-images", type=int, default=240)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to train (default: cuda when available)")
+    parser.add_argument("--workers", type=int, default=2, help="processes that render the scene pools")
     parser.add_argument("--eval-limit", type=int, default=120)
+    parser.add_argument("--save-vision", type=Path, help="also save the tower after the vision stage here")
+    parser.add_argument("--vision-checkpoint", type=Path,
+                        help="start from a tower saved by --save-vision (skips the vision stage)")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device; use --device cpu")
     torch.set_num_threads(args.threads)
-    started = time.time()
+    timings: dict[str, float] = {}
+    clock = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.time() - clock)
+        clock = time.time()
+        print(f"[{name}: {timings[name]} s]", flush=True)
+
     processor = build_processor()
-    model = build_model(processor.tokenizer, seed=args.seed)
-    pretrain_vision(model, args.vision_steps)
-    init_projector_from_probe(model, fit_probe(model, args.probe_steps))
-    vision_s = time.time() - started
-    train_language(model, processor.tokenizer, args.language_steps, batch=args.batch, lr=args.lr)
-    total_s = time.time() - started
+    tokenizer = processor.tokenizer
+    model = build_model(tokenizer, seed=args.seed).to(args.device)
+    vision_accuracy = None
+    if args.vision_checkpoint:
+        model.model.vision_tower.load_state_dict(torch.load(args.vision_checkpoint, map_location=args.device))
+        model.model.vision_tower.eval()
+    else:
+        vision_pool = ScenePool.render(VISION_SPLIT, args.vision_images, workers=args.workers)
+        lap("render vision pool")
+        vision_accuracy = pretrain_vision(model, vision_pool, args.vision_steps, seed=args.seed)
+        del vision_pool
+        lap("vision stage")
+        if args.save_vision:
+            torch.save(model.model.vision_tower.state_dict(), args.save_vision)
+    pool = ScenePool.render(LANGUAGE_SPLIT, args.language_images, workers=args.workers)
+    held_out = ScenePool.render(VALIDATION_SPLIT, args.validation_images, workers=args.workers)
+    lap("render language pools")
+    features, held_out_features = encode(model, pool), encode(model, held_out)
+    init_projector_from_probe(model, fit_probe(features, pool.labels))
+    lap("encode + probe")
+
+    def report(step: int) -> None:
+        scores = validate(model, tokenizer, held_out, held_out_features)
+        print(f"validation at step {step}: " + json.dumps({k: round(v, 3) for k, v in scores.items()}), flush=True)
+        model.save_pretrained(args.out)  # a snapshot, so an interrupted run still leaves a model
+        processor.save_pretrained(args.out)
+
+    train_language(model, tokenizer, pool, features, args.language_steps, batch=args.batch, turns=args.turns,
+                   lr=args.lr, seed=args.seed, every=max(1, args.language_steps // 10), callback=report)
+    lap("language stage")
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     metrics = evaluate(model, processor, args.eval_limit)
-    report = {"seed": args.seed, "vision_steps": args.vision_steps, "probe_steps": args.probe_steps,
-              "language_steps": args.language_steps, "lr": args.lr,
-              "batch": args.batch, "threads": args.threads, "vision_seconds": round(vision_s),
-              "total_seconds": round(total_s), "eval_limit": args.eval_limit, "accuracy": metrics}
-    (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    report_data = {"command": "python -m tokenbench.zoo.train " + " ".join(argv or []),
+                   "arguments": {k: str(v) for k, v in vars(args).items()},
+                   "parameters": _parameter_counts(model), "seconds": timings,
+                   "vision_object_patch_accuracy": vision_accuracy,
+                   "validation": validate(model, tokenizer, held_out, held_out_features),
+                   f"held_out_accuracy_{args.eval_limit}": metrics}
+    (args.out / "training.json").write_text(json.dumps(report_data, indent=2) + "\n")
+    print(json.dumps(report_data, indent=2))
 
 
 if __name__ == "__main__":
