@@ -19,7 +19,9 @@ look at until the vision tower sees something), so this follows LLaVA's own reci
 
 Rendering is the slow part of a step, so each split is rendered once into a pool (in worker
 processes) and passed over several times, with new questions on every pass. ``--device cuda``
-trains on a GPU.
+trains on a GPU. On 2 CPU cores the defaults take about 75 minutes: vision 8 (rendering 1.5,
+1500 steps at 130 images/s), language 69 (rendering and encoding 3, 4000 steps). Setting
+``OMP_WAIT_POLICY=ACTIVE`` on a machine of one's own makes a language step 1.3× faster.
 
 Deterministic from ``--seed`` (torch) and fixed data splits (vision: split 1, language: split 2,
 validation: split 3; the evaluation split 0 is never trained on). Geometry: 336-px images with 28-px
@@ -346,11 +348,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vision-images", type=int, default=8000)
     parser.add_argument("--vision-steps", type=int, default=1500)
     parser.add_argument("--language-images", type=int, default=12000)
-    parser.add_argument("--language-steps", type=int, default=3000)
+    parser.add_argument("--language-steps", type=int, default=4000)
     parser.add_argument("--validation-images", type=int, default=240)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to train (default: cuda when available)")
