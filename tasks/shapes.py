@@ -246,7 +246,8 @@ def _scene_specs(family: str, rng: random.Random) -> tuple[list[tuple[str, str]]
     return _random_specs(rng, rng.randint(0, 3)), None  # reading
 
 
-def _unique(values: list[str]) -> list[str]:
+def unique_values(values: list[str]) -> list[str]:
+    """The values that occur exactly once, sorted."""
     return sorted(v for v in set(values) if values.count(v) == 1)
 
 
@@ -273,21 +274,21 @@ def ask(family: str, scene: Scene, rng: random.Random, focus: Any = None) -> tup
             return None
         return f"how many {PLURALS[target]} are there?", COUNT_WORDS[shapes.count(target)], {}
     if family == "colour":
-        shapes = _unique([o.shape for o in objects])
+        shapes = unique_values([o.shape for o in objects])
         if not shapes:
             return None
         shape = rng.choice(shapes)
         colour = next(o.colour for o in objects if o.shape == shape)
         return f"what color is the {shape}?", colour, {}
     if family == "shape":
-        colours = _unique([o.colour for o in objects])
+        colours = unique_values([o.colour for o in objects])
         if not colours:
             return None
         colour = rng.choice(colours)
         shape = next(o.shape for o in objects if o.colour == colour)
         return f"what shape is the {colour} object?", shape, {}
     if family == "relation":
-        unique = set(_unique([o.shape for o in objects]))
+        unique = set(unique_values([o.shape for o in objects]))
         pairs = [(a, b) for a in objects for b in objects
                  if a.shape in unique and b.shape in unique and abs(a.cx - b.cx) >= 28]
         if not pairs:

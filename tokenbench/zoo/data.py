@@ -135,9 +135,9 @@ TRAINING_FAMILIES = (*shapes.FAMILIES, "position")
 
 def ask_position(scene: shapes.Scene, rng: random.Random) -> tuple[str, str] | None:
     """"is the circle left or right?" about a shape that occurs once and is clearly off the middle."""
-    counts = {o.shape: [p.shape for p in scene.objects].count(o.shape) for o in scene.objects}
+    single = set(shapes.unique_values([o.shape for o in scene.objects]))
     middle = shapes.IMAGE_SIZE // 2
-    candidates = [o for o in scene.objects if counts[o.shape] == 1 and abs(o.cx - middle) >= PATCH // 2]
+    candidates = [o for o in scene.objects if o.shape in single and abs(o.cx - middle) >= PATCH // 2]
     if not candidates:
         return None
     chosen = rng.choice(candidates)

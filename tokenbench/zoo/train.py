@@ -400,8 +400,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     init_projector_from_probe(model, fit_probe(features, pool.labels))
     lap("encode + probe")
 
+    validations: dict[int, dict[str, float]] = {}
+
     def report(step: int) -> None:
-        scores = validate(model, tokenizer, held_out, held_out_features)
+        validations[step] = scores = validate(model, tokenizer, held_out, held_out_features)
         print(f"validation at step {step}: " + json.dumps({k: round(v, 3) for k, v in scores.items()}), flush=True)
         model.save_pretrained(args.out)  # a snapshot, so an interrupted run still leaves a model
         processor.save_pretrained(args.out)
@@ -409,15 +411,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_language(model, tokenizer, pool, features, args.language_steps, batch=args.batch, turns=args.turns,
                    lr=args.lr, seed=args.seed, every=max(1, args.language_steps // 10), callback=report)
     lap("language stage")
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
+    if args.language_steps not in validations:  # the last snapshot is the trained model
+        report(args.language_steps)
     metrics = evaluate(model, processor, args.eval_limit)
     report_data = {"command": "python -m tokenbench.zoo.train " + " ".join(argv or []),
                    "arguments": {k: str(v) for k, v in vars(args).items()},
                    "parameters": _parameter_counts(model), "seconds": timings,
                    "vision_object_patch_accuracy": vision_accuracy,
-                   "validation": validate(model, tokenizer, held_out, held_out_features),
+                   "validation": validations[args.language_steps],
                    f"held_out_accuracy_{args.eval_limit}": metrics}
     (args.out / "training.json").write_text(json.dumps(report_data, indent=2) + "\n")
     print(json.dumps(report_data, indent=2))
