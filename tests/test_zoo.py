@@ -11,7 +11,7 @@ from tokenbench.tasks.shapes import ShapesTask
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from tokenbench.zoo import DEFAULT_MODEL, EMBEDDED, train
-from tokenbench.zoo.data import ScenePool, language_batch
+from tokenbench.zoo.data import TRAINING_FAMILIES, ScenePool, language_batch, turn_mask
 
 CHECKPOINT = EMBEDDED[DEFAULT_MODEL]
 
@@ -75,12 +75,40 @@ def test_language_batch_keeps_object_patches_and_supervises_only_answers():
         assert int((batch["input_ids"][row] == image_id).sum()) == len(kept)
         answers = batch["labels"][row][batch["labels"][row] >= 0].tolist()
         assert answers[1::2] == [tokenizer.eos_token_id] * (len(answers) // 2) and len(answers) >= 4
-    first = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0] > 0])
+    first = tokenizer.decode(batch["input_ids"][0][batch["input_ids"][0] != tokenizer.pad_token_id])
     assert first.startswith("user : <image>") and "assistant :" in first
     again = language_batch(tokenizer, pool, [0, 1, 2, 3], turns=6, seed=5, background=0.0)
     other = language_batch(tokenizer, pool, [0, 1, 2, 3], turns=6, seed=6, background=0.0)
     assert torch.equal(batch["input_ids"], again["input_ids"])
     assert not torch.equal(batch["input_ids"], other["input_ids"])  # a new pass asks new questions
+
+
+def test_each_question_of_a_conversation_sees_only_the_image_and_itself():
+    """A later turn is computed exactly as the evaluation prompt would be: same positions, and no
+    earlier question or answer in view (so none can be copied)."""
+    processor = train.build_processor()
+    tokenizer = processor.tokenizer
+    model = train.build_model(tokenizer, seed=3).eval()
+    pool = ScenePool.render(train.LANGUAGE_SPLIT, 2)
+    features = torch.randn(len(pool), train.N_VISUAL, model.config.vision_config.hidden_size)
+    together = language_batch(tokenizer, pool, [0, 1], turns=5, seed=2, background=0.0)
+    with torch.no_grad():
+        logits = train.answer_logits(model, features, together)
+    prefix = int((together["input_ids"][0] == tokenizer.convert_tokens_to_ids("<image>")).sum()) + 2
+    ids, labels = together["input_ids"][0], together["labels"][0]
+    answers = (labels >= 0).nonzero().flatten()[::2].tolist()
+    assert len(answers) == 5
+    starts = [prefix] + [a + 2 for a in answers[:-1]]  # each question follows the last one's EOS
+    for start, answer in zip(starts, answers):
+        alone = {key: value for key, value in together.items()}
+        single = torch.cat([ids[:prefix], ids[start:answer + 2]])[None]
+        alone_mask, alone_positions = turn_mask(torch.tensor([[0] * prefix + [1] * (answer + 2 - start)]))
+        alone.update(input_ids=single, attention_mask=alone_mask, position_ids=alone_positions,
+                     rows=together["rows"][:1], visual_index=together["visual_index"][:1])
+        assert torch.equal(alone_positions[0], torch.arange(single.shape[1]))
+        with torch.no_grad():
+            reference = train.answer_logits(model, features, alone)[0, -3]
+        torch.testing.assert_close(logits[0, answer - 1], reference, atol=1e-4, rtol=1e-4)
 
 
 def test_trained_model_answers_held_out_questions(loaded):
@@ -120,25 +148,36 @@ def test_a_few_training_steps_reduce_nothing_to_nan_and_move_the_weights():
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(head_before, model.lm_head.weight)
     assert torch.equal(tower_after, model.model.vision_tower.embeddings.patch_embedding.weight)
+    scores = train.validate(model, processor.tokenizer, pool, features, batch=2, turns=4)
+    assert set(scores) - {"all"} <= set(TRAINING_FAMILIES) and "existence" in scores
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
 
 
-def test_training_conversations_ask_every_family_and_the_position_question():
+def test_training_conversations_ask_every_family_and_the_training_only_questions():
     from collections import Counter
 
-    from tokenbench.zoo.data import ask_position, questions
+    from tokenbench.zoo.data import ask_column, ask_objects, ask_position, questions
 
     asked = Counter()
     for index in range(120):
         family = shapes.FAMILIES[index % len(shapes.FAMILIES)]
         scene = shapes.make_scene(train.LANGUAGE_SPLIT, index, family)[0]
-        pairs = questions(scene, family, random.Random(index), turns=8)
-        assert len(pairs) == 8 and len(set(pairs)) >= 4
+        turns = questions(scene, family, random.Random(index), turns=10)
+        assert 4 <= len(turns) <= 10 and len({t.question for t in turns}) == len(turns)  # no question twice
         first = shapes.ask(family, scene, random.Random(index))
-        assert first is None or pairs[0][0].split()[:2] == first[0].split()[:2]
-        asked.update(" ".join(q.split()[:2]) for q, _ in pairs)
-    assert set(asked) == {"is there", "how many", "what color", "what shape", "is the", "what letter"}
-    assert min(asked.values()) > 0.5 * max(asked.values())
+        assert first is None or (turns[0].family == family and turns[0].question.split()[:2] == first[0].split()[:2])
+        asked.update({t.family for t in turns})
+    assert set(asked) == set(TRAINING_FAMILIES)
+    # every family in (nearly) every conversation that has one; left/right needs two single shapes apart
+    assert min(n for f, n in asked.items() if f != "relation") >= 0.8 * 120 and asked["relation"] >= 50
     scene = shapes.Scene([shapes.Shape("circle", "red", 60, 100, 40), shapes.Shape("star", "blue", 280, 200, 40),
                           shapes.Shape("square", "green", 170, 300, 40)], shapes.Letter("K", 10, 10), 1)
     seen = {ask_position(scene, random.Random(seed)) for seed in range(20)}
     assert seen == {("is the circle left or right?", "left"), ("is the star left or right?", "right")}
+    columns = {ask_column(scene, random.Random(seed)) for seed in range(20)}
+    assert columns == {("which column is the circle in?", "col3"), ("which column is the star in?", "col11"),
+                       ("which column is the square in?", "col7")}
+    assert ask_objects(scene, random.Random(0)) == ("how many objects are there?", "three")
+    tokenizer = train.build_processor().tokenizer
+    assert all(tokenizer.convert_tokens_to_ids(word) != tokenizer.unk_token_id
+               for _, answer in columns for word in answer.split())

@@ -13,9 +13,11 @@ import random
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
 from tokenbench.tasks import shapes
@@ -119,60 +121,132 @@ class ScenePool:
 # ----------------------------------------------------------------------------------- questions
 
 
+COLUMN_WORDS = tuple(f"col{k}" for k in range(1, GRID + 1))
+TOTAL_WORDS = (*shapes.COUNT_WORDS[1:], "five", "six")
+
+
 def vocabulary() -> list[str]:
-    """Every word the task's questions and answers use, plus the chat roles."""
+    """Every word the task's questions and answers use, plus the chat roles and the words of the
+    training-only questions (appended last, so the task's words keep their ids)."""
     words = ["user", "assistant", ":", "?", "is", "there", "a", "how", "many", "are", "what", "color",
              "the", "shape", "object", "left", "or", "right", "of", "letter", "in", "image", "yes", "no"]
     words += [*shapes.COLOURS, *shapes.SHAPES, *shapes.PLURALS.values(), *shapes.COUNT_WORDS,
               *(c.lower() for c in shapes.LETTERS)]
+    words += ["which", "column", "objects", *COLUMN_WORDS, *TOTAL_WORDS]
     return list(dict.fromkeys(words))
 
 
-# a training-only question: which half of the image a named shape is in. It is the first half of
-# the left/right relation (find one object's column) and a stepping stone to it.
-TRAINING_FAMILIES = (*shapes.FAMILIES, "position")
+# Training-only questions, each a part of an evaluated skill with a richer answer than yes/no:
+# - position, "is the circle left or right?": one object's side, the first half of left/right;
+# - column, "which column is the circle in?" (col1 .. col12 of the 12×12 grid): the same lookup
+#   with 3.6 bits per answer instead of 1, so the decoder gets a gradient towards reading an
+#   object's x before it can compare two;
+# - objects, "how many objects are there?": counting without the shape filter.
+TRAINING_FAMILIES = (*shapes.FAMILIES, "position", "column", "objects")
+
+
+def _single_shapes(scene: shapes.Scene) -> list[shapes.Shape]:
+    single = set(shapes.unique_values([o.shape for o in scene.objects]))
+    return [o for o in scene.objects if o.shape in single]
 
 
 def ask_position(scene: shapes.Scene, rng: random.Random) -> tuple[str, str] | None:
     """"is the circle left or right?" about a shape that occurs once and is clearly off the middle."""
-    single = set(shapes.unique_values([o.shape for o in scene.objects]))
     middle = shapes.IMAGE_SIZE // 2
-    candidates = [o for o in scene.objects if o.shape in single and abs(o.cx - middle) >= PATCH // 2]
+    candidates = [o for o in _single_shapes(scene) if abs(o.cx - middle) >= PATCH // 2]
     if not candidates:
         return None
     chosen = rng.choice(candidates)
     return f"is the {chosen.shape} left or right?", "left" if chosen.cx < middle else "right"
 
 
-def questions(scene: shapes.Scene, family: str, rng: random.Random, turns: int) -> list[tuple[str, str]]:
-    """Up to ``turns`` (question, answer) pairs about ``scene``: first one of ``family`` (the kind of
+def ask_column(scene: shapes.Scene, rng: random.Random) -> tuple[str, str] | None:
+    """"which column is the circle in?" about a shape that occurs once: the grid column of its centre."""
+    candidates = _single_shapes(scene)
+    if not candidates:
+        return None
+    chosen = rng.choice(candidates)
+    return f"which column is the {chosen.shape} in?", COLUMN_WORDS[min(chosen.cx // PATCH, GRID - 1)]
+
+
+def ask_objects(scene: shapes.Scene, rng: random.Random) -> tuple[str, str] | None:
+    """"how many objects are there?" (the shapes; the letter is not one)."""
+    if not 1 <= len(scene.objects) <= len(TOTAL_WORDS):
+        return None
+    return "how many objects are there?", TOTAL_WORDS[len(scene.objects) - 1]
+
+
+_TRAINING_ASKERS = {"position": ask_position, "column": ask_column, "objects": ask_objects}
+
+
+def ask(family: str, scene: shapes.Scene, rng: random.Random) -> tuple[str, str] | None:
+    """One (question, answer) of any of the TRAINING_FAMILIES, or None when the scene has none."""
+    if family in _TRAINING_ASKERS:
+        return _TRAINING_ASKERS[family](scene, rng)
+    asked = shapes.ask(family, scene, rng)
+    return None if asked is None else asked[:2]
+
+
+class Turn(NamedTuple):
+    question: str
+    answer: str
+    family: str
+
+
+def questions(scene: shapes.Scene, family: str, rng: random.Random, turns: int) -> list[Turn]:
+    """Up to ``turns`` distinct questions about ``scene``: first one of ``family`` (the kind of
     question the scene was built for), then rounds of all training families in random order."""
-    asked: list[tuple[str, str]] = []
+    asked: list[Turn] = []
     order = [family]
     for _ in range(turns + 1):
         for asked_family in order:
-            pair = ask_position(scene, rng) if asked_family == "position" else shapes.ask(asked_family, scene, rng)
-            if pair is not None:
-                asked.append(pair[:2])
+            pair = ask(asked_family, scene, rng)
+            if pair is not None and pair[0] not in (t.question for t in asked):
+                asked.append(Turn(*pair, asked_family))
             if len(asked) == turns:
                 return asked
         order = rng.sample(TRAINING_FAMILIES, len(TRAINING_FAMILIES))
     return asked
 
 
-def conversation_ids(tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]],
-                     n_visual: int) -> tuple[list[int], list[int]]:
-    """A multi-turn chat whose first turn is exactly the evaluation prompt, with ``n_visual`` image
-    tokens: (ids, labels), labels -100 except the answers and their EOS."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for question, answer in pairs:
-        image = "<image>" * n_visual if not ids else ""
-        prompt = tokenizer.encode(f"USER: {image} {question} ASSISTANT:", add_special_tokens=False)
+def conversation_ids(tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str] | Turn],
+                     n_visual: int) -> tuple[list[int], list[int], list[int]]:
+    """Several questions about one image in one sequence: (ids, labels, turn).
+
+    The sequence is the evaluation prompt's image prefix (``USER: <image>×n_visual``) followed by
+    every ``question ASSISTANT: answer EOS``; ``turn`` is 0 on the prefix and k on the k-th question.
+    :func:`turn_mask` lets each question see only the prefix and itself, so every turn is exactly
+    the evaluation prompt and no answer can be copied from an earlier one. Labels are -100 except
+    the answers and their EOS.
+    """
+    ids = tokenizer.encode("USER: " + "<image>" * n_visual, add_special_tokens=False)
+    labels = [-100] * len(ids)
+    turn = [0] * len(ids)
+    for k, (question, answer, *_) in enumerate(pairs, start=1):
+        prompt = tokenizer.encode(f"{question} ASSISTANT:", add_special_tokens=False)
         reply = [tokenizer.convert_tokens_to_ids(answer), tokenizer.eos_token_id]
         ids += prompt + reply
         labels += [-100] * len(prompt) + reply
-    return ids, labels
+        turn += [k] * (len(prompt) + len(reply))
+    return ids, labels, turn
+
+
+def turn_mask(turn: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The additive 4-D attention mask [B, 1, L, L] and the position ids [B, L] of a batch of
+    :func:`conversation_ids` ``turn`` rows (-1 = padding): causal, and a question sees the image
+    prefix and its own tokens only; each question's positions continue from the prefix, as in
+    the evaluation prompt."""
+    length = turn.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    query, key = turn[:, :, None], turn[:, None, :]
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    segment = turn.clamp(min=0)
+    # rank of each token inside its own segment (prefix or question)
+    rank = F.one_hot(segment).cumsum(1).gather(2, segment[..., None])[..., 0] - 1
+    prefix = (turn == 0).sum(1, keepdim=True)
+    positions = torch.where(turn > 0, prefix + rank, rank)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None], positions
 
 
 def language_batch(tokenizer: PreTrainedTokenizerFast, pool: ScenePool, rows: Sequence[int], *, turns: int,
@@ -181,24 +255,28 @@ def language_batch(tokenizer: PreTrainedTokenizerFast, pool: ScenePool, rows: Se
 
     Only the patches an object or the letter covers and a ``background`` fraction of the others
     reach the decoder (``visual_index``: the kept patch indices per row, in raster order). ``seed``
-    picks the questions and the background patches, so each pass asks something new.
+    picks the questions and the background patches, so each pass asks something new. The batch's
+    ``attention_mask`` and ``position_ids`` isolate the questions (:func:`turn_mask`); ``families``
+    names each row's questions' families in order.
     """
     generator = torch.Generator().manual_seed(seed)
-    items, kept_rows = [], []
+    items, kept_rows, families = [], [], []
     for row in rows:
         rng = random.Random(seed * 1_000_003 + int(row))
-        pairs = questions(pool.scenes[row], pool.families[row], rng, turns)
+        asked = questions(pool.scenes[row], pool.families[row], rng, turns)
+        families.append([t.family for t in asked])
         occupied = pool.labels[row, 1] > 0
         kept = (occupied | (torch.rand(N_VISUAL, generator=generator) < background)).nonzero().flatten()
-        items.append(conversation_ids(tokenizer, pairs, len(kept)))
+        items.append(conversation_ids(tokenizer, asked, len(kept)))
         kept_rows.append(kept)
-    length = max(len(ids) for ids, _ in items)
+    length = max(len(ids) for ids, _, _ in items)
     input_ids = torch.full((len(items), length), tokenizer.pad_token_id)
     labels = torch.full((len(items), length), -100)
-    attention = torch.zeros((len(items), length), dtype=torch.long)
-    for k, (ids, lab) in enumerate(items):
+    turn = torch.full((len(items), length), -1)
+    for k, (ids, lab, seg) in enumerate(items):
         input_ids[k, :len(ids)] = torch.tensor(ids)
         labels[k, :len(lab)] = torch.tensor(lab)
-        attention[k, :len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-            "rows": torch.as_tensor(list(rows)), "visual_index": kept_rows}
+        turn[k, :len(seg)] = torch.tensor(seg)
+    mask, positions = turn_mask(turn)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": positions,
+            "rows": torch.as_tensor(list(rows)), "visual_index": kept_rows, "families": families}

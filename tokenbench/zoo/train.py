@@ -10,12 +10,14 @@ look at until the vision tower sees something), so this follows LLaVA's own reci
    visual tokens carry plain class scores from the first language step: the dense labels, the
    colour-shape pair, the shape at object centres, and the column as one number.
 3. **language**: the tower is frozen and its features are computed once per image; projector +
-   Llama decoder learn the shapes questions. Each image carries several questions as a multi-turn
-   conversation (the first turn is exactly the evaluation prompt), so the 144 image tokens are paid
-   once for many supervised answers; loss on answers only. A training-only question ("is the
-   circle left or right?") leads up to the left/right relation. The decoder first sees only the
-   object patches plus a share of background patches growing from 5% to all over the first 20% of
-   steps, then the evaluation's full 144-token images.
+   Llama decoder learn the shapes questions. Each image carries several questions in one sequence,
+   so the 144 image tokens are paid once for many supervised answers; an attention mask lets every
+   question see only the image and itself, with the evaluation prompt's positions, so each one is
+   exactly the evaluation prompt and no answer can be copied from another. Loss on answers only.
+   Training-only questions with richer answers ("which column is the circle in?", "is the circle
+   left or right?", "how many objects are there?") lead up to left/right and counting. The decoder
+   first sees only the object patches plus a share of background patches growing from 5% to all
+   over the first 20% of steps, then the evaluation's full 144-token images.
 
 Rendering is the slow part of a step, so each split is rendered once into a pool (in worker
 processes) and passed over several times, with new questions on every pass. ``--device cuda``
@@ -60,6 +62,7 @@ from tokenbench.zoo.data import (
     LETTER_SHAPE,
     N_VISUAL,
     PATCH,
+    TRAINING_FAMILIES,
     ScenePool,
     language_batch,
     patch_labels,
@@ -242,16 +245,18 @@ def answer_logits(model: LlavaForConditionalGeneration, features: torch.Tensor, 
     embeds = model.get_input_embeddings()(input_ids)
     slots = (input_ids == model.config.image_token_id)[..., None]
     embeds = embeds.masked_scatter(slots, model.model.multi_modal_projector(kept.to(model.device)).to(embeds.dtype))
-    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(model.device)).logits
+    mask = batch["attention_mask"].to(model.device, embeds.dtype)
+    return model(inputs_embeds=embeds, attention_mask=mask, position_ids=batch["position_ids"].to(model.device)).logits
 
 
 def train_language(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, pool: ScenePool,
                    features: torch.Tensor, steps: int, batch: int = 16, turns: int = 6, lr: float = 1e-3,
                    seed: int = 0, log: Callable[[str], None] = print, every: int = 0,
-                   callback: Callable[[int], None] | None = None) -> None:
+                   callback: Callable[[int], None] | None = None, ramp: float = BACKGROUND_RAMP) -> None:
     """Stage 2: projector + decoder on multi-turn conversations about the pool's scenes (the tower
     is frozen; ``features`` are its outputs for the pool). ``callback(step)`` runs every ``every``
-    steps (snapshots, validation) in eval mode."""
+    steps (snapshots, validation) in eval mode. Background patches reach the decoder from 5% to
+    all over the first ``ramp`` fraction of steps (0: all from the start)."""
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -259,7 +264,7 @@ def train_language(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTo
     started, seen, answered = time.time(), 0, 0
     batches = _epoch_batches(len(pool), min(batch, len(pool)), seed)
     for step in range(steps):
-        background = min(1.0, 0.05 + step / (BACKGROUND_RAMP * steps)) if BACKGROUND_RAMP else 1.0
+        background = min(1.0, 0.05 + step / (ramp * steps)) if ramp else 1.0
         data = language_batch(tokenizer, pool, next(batches).tolist(), turns=turns, seed=seed * 100_003 + step,
                               background=background)
         for group in optimiser.param_groups:
@@ -289,22 +294,23 @@ def train_language(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTo
 
 @torch.no_grad()
 def validate(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, pool: ScenePool,
-             features: torch.Tensor, batch: int = 48) -> dict[str, float]:
-    """Teacher-forced accuracy of the first answer word (the evaluation prompt, all 144 visual
-    tokens) per family on a validation pool: fast, and close to the generated accuracy."""
-    hits: dict[str, list[bool]] = {f: [] for f in shapes.FAMILIES}
+             features: torch.Tensor, batch: int = 48, turns: int = 10) -> dict[str, float]:
+    """Teacher-forced accuracy of the answer word per training family on a validation pool, over
+    all ``turns`` questions per image (each one is exactly an evaluation prompt with all 144 visual
+    tokens); ``all`` is the mean over the evaluated families. Fast, and close to the generated
+    accuracy."""
+    hits: dict[str, list[bool]] = {}
     for start in range(0, len(pool), batch):
         rows = list(range(start, min(start + batch, len(pool))))
-        data = language_batch(tokenizer, pool, rows, turns=1, seed=0)
+        data = language_batch(tokenizer, pool, rows, turns=turns, seed=0)
         logits = answer_logits(model, features, data)[:, :-1]
         targets = data["labels"][:, 1:].to(logits.device)
-        first = (targets >= 0).int().argmax(1)
-        index = torch.arange(len(rows))
-        right = logits[index, first].argmax(-1) == targets[index, first]
-        for row, hit in zip(rows, right.tolist()):
-            hits[pool.families[row]].append(hit)
-    result = {f: sum(h) / len(h) for f, h in hits.items() if h}
-    result["all"] = sum(sum(h) for h in hits.values()) / len(pool)
+        answers = (targets >= 0) & (targets != tokenizer.eos_token_id)
+        right = (logits[answers].argmax(-1) == targets[answers]).tolist()
+        for family, hit in zip((f for row in data["families"] for f in row), right, strict=True):
+            hits.setdefault(family, []).append(hit)
+    result = {f: sum(h) / len(h) for f, h in sorted(hits.items(), key=lambda kv: TRAINING_FAMILIES.index(kv[0]))}
+    result["all"] = sum(result[f] for f in shapes.FAMILIES if f in result) / len(shapes.FAMILIES)
     return result
 
 
@@ -352,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--validation-images", type=int, default=240)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to train (default: cuda when available)")
@@ -361,6 +367,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--save-vision", type=Path, help="also save the tower after the vision stage here")
     parser.add_argument("--vision-checkpoint", type=Path,
                         help="start from a tower saved by --save-vision (skips the vision stage)")
+    parser.add_argument("--init-model", type=Path,
+                        help="go on training a saved model (skips the vision stage and the probe; no background ramp)")
+    parser.add_argument("--language-start", type=int, default=0,
+                        help="first scene index of the language pool (to go on with scenes not trained on yet)")
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -380,12 +390,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     processor = build_processor()
     tokenizer = processor.tokenizer
-    model = build_model(tokenizer, seed=args.seed).to(args.device)
+    if args.init_model and args.vision_checkpoint:
+        parser.error("--init-model already has a vision tower; drop --vision-checkpoint")
+    if args.init_model and not (args.init_model / "config.json").is_file():
+        parser.error(f"--init-model {args.init_model}: no saved model there (config.json is missing)")
     vision_accuracy = None
+    if args.init_model:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_model).to(args.device)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):  # words added since
+            model.resize_token_embeddings(len(tokenizer))
+        torch.manual_seed(args.seed)
+    else:
+        model = build_model(tokenizer, seed=args.seed).to(args.device)
     if args.vision_checkpoint:
         model.model.vision_tower.load_state_dict(torch.load(args.vision_checkpoint, map_location=args.device))
         model.model.vision_tower.eval()
-    else:
+    elif not args.init_model:
         vision_pool = ScenePool.render(VISION_SPLIT, args.vision_images, workers=args.workers)
         lap("render vision pool")
         vision_accuracy = pretrain_vision(model, vision_pool, args.vision_steps, seed=args.seed)
@@ -393,11 +413,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         lap("vision stage")
         if args.save_vision:
             torch.save(model.model.vision_tower.state_dict(), args.save_vision)
-    pool = ScenePool.render(LANGUAGE_SPLIT, args.language_images, workers=args.workers)
+    pool = ScenePool.render(LANGUAGE_SPLIT, args.language_images, start=args.language_start, workers=args.workers)
     held_out = ScenePool.render(VALIDATION_SPLIT, args.validation_images, workers=args.workers)
     lap("render language pools")
     features, held_out_features = encode(model, pool), encode(model, held_out)
-    init_projector_from_probe(model, fit_probe(features, pool.labels))
+    if not args.init_model:
+        init_projector_from_probe(model, fit_probe(features, pool.labels))
     lap("encode + probe")
 
     validations: dict[int, dict[str, float]] = {}
@@ -409,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         processor.save_pretrained(args.out)
 
     train_language(model, tokenizer, pool, features, args.language_steps, batch=args.batch, turns=args.turns,
-                   lr=args.lr, seed=args.seed, every=max(1, args.language_steps // 10), callback=report)
+                   lr=args.lr, seed=args.seed, every=max(1, args.language_steps // 10), callback=report,
+                   ramp=0.0 if args.init_model else BACKGROUND_RAMP)
     lap("language stage")
     if args.language_steps not in validations:  # the last snapshot is the trained model
         report(args.language_steps)
