@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -181,3 +182,24 @@ def test_training_conversations_ask_every_family_and_the_training_only_questions
     tokenizer = train.build_processor().tokenizer
     assert all(tokenizer.convert_tokens_to_ids(word) != tokenizer.unk_token_id
                for _, answer in columns for word in answer.split())
+
+
+def test_training_command_trains_saves_and_goes_on_from_a_saved_model(tmp_path):
+    small = ["--vision-images", "4", "--vision-steps", "2", "--language-images", "4", "--language-steps", "2",
+             "--validation-images", "4", "--batch", "2", "--turns", "2", "--eval-limit", "2", "--workers", "1",
+             "--threads", "1", "--device", "cpu"]
+    train.main(["--out", str(tmp_path / "first"), *small])
+    first = json.loads((tmp_path / "first" / "training.json").read_text())
+    assert first["command"].endswith("--device cpu") and "started_from" not in first
+    train.main(["--out", str(tmp_path / "second"), "--init-model", str(tmp_path / "first"),
+                "--language-start", "4", *small])
+    second = json.loads((tmp_path / "second" / "training.json").read_text())
+    assert second["started_from"] == first and second["arguments"]["language_start"] == "4"
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "second")
+    assert model.get_input_embeddings().num_embeddings == len(train.build_processor().tokenizer)
+
+
+def test_training_command_rejects_a_directory_without_a_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--init-model", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "config.json is missing" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -436,12 +437,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.language_steps not in validations:  # the last snapshot is the trained model
         report(args.language_steps)
     metrics = evaluate(model, processor, args.eval_limit)
-    report_data = {"command": "python -m tokenbench.zoo.train " + " ".join(argv or []),
+    report_data = {"command": " ".join(["python -m tokenbench.zoo.train", *(sys.argv[1:] if argv is None else argv)]),
                    "arguments": {k: str(v) for k, v in vars(args).items()},
                    "parameters": _parameter_counts(model), "seconds": timings,
                    "vision_object_patch_accuracy": vision_accuracy,
                    "validation": validations[args.language_steps],
                    f"held_out_accuracy_{args.eval_limit}": metrics}
+    earlier = args.init_model / "training.json" if args.init_model else None
+    if earlier is not None and earlier.is_file():  # the record of the model this run went on from
+        report_data["started_from"] = json.loads(earlier.read_text())
     (args.out / "training.json").write_text(json.dumps(report_data, indent=2) + "\n")
     print(json.dumps(report_data, indent=2))
 
