@@ -150,7 +150,9 @@ def test_a_few_training_steps_reduce_nothing_to_nan_and_move_the_weights():
     assert not torch.equal(head_before, model.lm_head.weight)
     assert torch.equal(tower_after, model.model.vision_tower.embeddings.patch_embedding.weight)
     scores = train.validate(model, processor.tokenizer, pool, features, batch=2, turns=4)
-    assert set(scores) - {"all"} <= set(TRAINING_FAMILIES) and "existence" in scores
+    firsts = {f"first/{family}" for family in shapes.FAMILIES}
+    assert set(scores) - {"all", "first/all"} <= set(TRAINING_FAMILIES) | firsts
+    assert {"existence", "first/existence", "first/counting"} <= set(scores)
     assert all(0.0 <= value <= 1.0 for value in scores.values())
 
 
@@ -182,6 +184,25 @@ def test_training_conversations_ask_every_family_and_the_training_only_questions
     tokenizer = train.build_processor().tokenizer
     assert all(tokenizer.convert_tokens_to_ids(word) != tokenizer.unk_token_id
                for _, answer in columns for word in answer.split())
+
+
+def test_a_counting_scene_is_first_asked_about_the_shape_it_was_built_to_count():
+    from collections import Counter
+
+    from tokenbench.zoo.data import questions
+
+    pool = ScenePool.render(train.LANGUAGE_SPLIT, 240)
+    answers = Counter()
+    for row, (scene, family, focus) in enumerate(zip(pool.scenes, pool.families, pool.focuses)):
+        if family != "counting":
+            assert focus is None
+            continue
+        first = questions(scene, family, random.Random(row), turns=10, focus=focus)[0]
+        assert first == (f"how many {shapes.PLURALS[focus]} are there?",
+                         shapes.COUNT_WORDS[[o.shape for o in scene.objects].count(focus)], "counting")
+        answers[first.answer] += 1
+    # as in the evaluation split: 1-4 of the shape, each count in about a quarter of the scenes
+    assert set(answers) == {"one", "two", "three", "four"} and min(answers.values()) >= 5
 
 
 def test_training_command_trains_saves_and_goes_on_from_a_saved_model(tmp_path):

@@ -70,35 +70,40 @@ def pixel_values(images: torch.Tensor | Sequence) -> torch.Tensor:
     return ((images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous()
 
 
-def _render_range(split: int, start: int, stop: int, max_objects: int | None
-                  ) -> tuple[list[shapes.Scene], list[str], np.ndarray, np.ndarray]:
-    scenes, families, images, labels = [], [], [], []
+def _render_range(split: int, start: int, stop: int, max_objects: int | None, cycle: Sequence[str]
+                  ) -> tuple[list[shapes.Scene], list[str], list, np.ndarray, np.ndarray]:
+    scenes, families, focuses, images, labels = [], [], [], [], []
     for index in range(start, stop):
-        family = shapes.FAMILIES[index % len(shapes.FAMILIES)]
-        scene = shapes.make_scene(split, index, family, max_objects)[0]
+        family = cycle[index % len(cycle)]
+        scene, _, focus = shapes.make_scene(split, index, family, max_objects)
         scenes.append(scene)
         families.append(family)
+        focuses.append(focus)
         images.append(np.asarray(shapes.render(scene), dtype=np.uint8))
         labels.append(patch_labels(scene).numpy())
-    return scenes, families, np.stack(images), np.stack(labels)
+    return scenes, families, focuses, np.stack(images), np.stack(labels)
 
 
 @dataclass
 class ScenePool:
-    """``len(scenes)`` rendered scenes of one split: scene ``i`` was built for ``families[i]``."""
+    """``len(scenes)`` rendered scenes of one split: scene ``i`` was built for ``families[i]``, and
+    ``focuses[i]`` steers that family's question as in the evaluation split (the shape a counting
+    scene was built to count; None for the other families)."""
 
     split: int
     scenes: list[shapes.Scene]
     families: list[str]
+    focuses: list
     images: torch.Tensor  # [N, 336, 336, 3] uint8
     labels: torch.Tensor  # [N, 4, 144] int64, see patch_labels
 
     @classmethod
     def render(cls, split: int, count: int, *, start: int = 0, workers: int = 1,
-               max_objects: int | None = None) -> ScenePool:
-        """Scenes ``start .. start + count`` of ``split``; deterministic whatever ``workers`` is."""
+               max_objects: int | None = None, families: Sequence[str] = shapes.FAMILIES) -> ScenePool:
+        """Scenes ``start .. start + count`` of ``split``, scene ``i`` built for ``families[i % len]``
+        (a family named twice gets twice the scenes); deterministic whatever ``workers`` is."""
         chunk = 250
-        ranges = [(split, lo, min(lo + chunk, start + count), max_objects)
+        ranges = [(split, lo, min(lo + chunk, start + count), max_objects, tuple(families))
                   for lo in range(start, start + count, chunk)]
         if workers > 1 and len(ranges) > 1:
             context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
@@ -107,9 +112,9 @@ class ScenePool:
                 parts = list(pool.map(_render_range, *zip(*ranges)))
         else:
             parts = [_render_range(*r) for r in ranges]
-        return cls(split, [s for p in parts for s in p[0]], [f for p in parts for f in p[1]],
-                   torch.from_numpy(np.concatenate([p[2] for p in parts])),
-                   torch.from_numpy(np.concatenate([p[3] for p in parts])))
+        return cls(split, *([item for p in parts for item in p[k]] for k in range(3)),
+                   torch.from_numpy(np.concatenate([p[3] for p in parts])),
+                   torch.from_numpy(np.concatenate([p[4] for p in parts])))
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -179,11 +184,12 @@ def ask_objects(scene: shapes.Scene, rng: random.Random) -> tuple[str, str] | No
 _TRAINING_ASKERS = {"position": ask_position, "column": ask_column, "objects": ask_objects}
 
 
-def ask(family: str, scene: shapes.Scene, rng: random.Random) -> tuple[str, str] | None:
-    """One (question, answer) of any of the TRAINING_FAMILIES, or None when the scene has none."""
+def ask(family: str, scene: shapes.Scene, rng: random.Random, focus=None) -> tuple[str, str] | None:
+    """One (question, answer) of any of the TRAINING_FAMILIES, or None when the scene has none;
+    ``focus`` steers a task family's question (see :func:`tokenbench.tasks.shapes.ask`)."""
     if family in _TRAINING_ASKERS:
         return _TRAINING_ASKERS[family](scene, rng)
-    asked = shapes.ask(family, scene, rng)
+    asked = shapes.ask(family, scene, rng, focus)
     return None if asked is None else asked[:2]
 
 
@@ -193,14 +199,17 @@ class Turn(NamedTuple):
     family: str
 
 
-def questions(scene: shapes.Scene, family: str, rng: random.Random, turns: int) -> list[Turn]:
+def questions(scene: shapes.Scene, family: str, rng: random.Random, turns: int, focus=None) -> list[Turn]:
     """Up to ``turns`` distinct questions about ``scene``: first one of ``family`` (the kind of
-    question the scene was built for), then rounds of all training families in random order."""
+    question the scene was built for) steered by ``focus`` as the evaluation split's question is,
+    so the first turns follow the evaluation's answer distribution (a counting scene is asked about
+    the shape it holds 1-4 of, not about whichever single distractor); then rounds of all training
+    families in random order."""
     asked: list[Turn] = []
     order = [family]
-    for _ in range(turns + 1):
+    for round_ in range(turns + 1):
         for asked_family in order:
-            pair = ask(asked_family, scene, rng)
+            pair = ask(asked_family, scene, rng, focus if round_ == 0 else None)
             if pair is not None and pair[0] not in (t.question for t in asked):
                 asked.append(Turn(*pair, asked_family))
             if len(asked) == turns:
@@ -263,7 +272,7 @@ def language_batch(tokenizer: PreTrainedTokenizerFast, pool: ScenePool, rows: Se
     items, kept_rows, families = [], [], []
     for row in rows:
         rng = random.Random(seed * 1_000_003 + int(row))
-        asked = questions(pool.scenes[row], pool.families[row], rng, turns)
+        asked = questions(pool.scenes[row], pool.families[row], rng, turns, pool.focuses[row])
         families.append([t.family for t in asked])
         occupied = pool.labels[row, 1] > 0
         kept = (occupied | (torch.rand(N_VISUAL, generator=generator) < background)).nonzero().flatten()
