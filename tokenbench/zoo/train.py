@@ -15,7 +15,8 @@ look at until the vision tower sees something), so this follows LLaVA's own reci
    question see only the image and itself, with the evaluation prompt's positions, so each one is
    exactly the evaluation prompt and no answer can be copied from another. Loss on answers only.
    Training-only questions with richer answers ("which column is the circle in?", "is the circle
-   left or right?", "how many objects are there?") lead up to left/right and counting. The decoder
+   left or right?", "how many objects are there?") lead up to left/right and counting; scenes built
+   for counting come three times in eight, as its hard answers need them. The decoder
    first sees only the object patches plus a share of background patches growing from 5% to all
    over the first 20% of steps, then the evaluation's full 144-token images.
 
