@@ -25,8 +25,9 @@ processes) and passed over several times, with new questions on every pass. ``--
 trains on a GPU. On 2 CPU cores, under ``OMP_WAIT_POLICY=ACTIVE`` (on a machine of one's own it
 makes a step 1.3× faster), the defaults took 60 minutes: vision 7 (rendering 1.3, 1500 steps at
 144 images/s), language 53 (rendering and encoding 3.7, 4000 steps at 0.74 s), and the model
-answered 69% of the held-out questions. The shipped model went on from such a run for four
-``--init-model`` stages at ``--lr 1e-3``, 1200 to 3000 steps each (its ``training.json`` chains them).
+answered 69% of the held-out questions. The shipped model went on from such a run (made at an
+earlier commit) for four ``--init-model`` stages at ``--lr 1e-3``, 1200 to 3000 steps each (its
+``training.json`` chains them, each with its command and code commit).
 
 Deterministic from ``--seed`` (torch) and fixed data splits (vision: split 1, language: split 2,
 validation: split 3; the evaluation split 0 is never trained on). Geometry: 336-px images with 28-px
