@@ -21,13 +21,19 @@ def model_info(n_visual: int = 576, vision_tokens: int = 577, vision_layers: int
     return ModelInfo("llava", stages, (24, 24), n_visual, arch)
 
 
-def slow_bipartite(x: list[list[float]], metric: list[list[float]], sizes: list[float], r: int):
-    """One ToMe step on one sample with plain loops: returns (kept indices, merged rows, sizes)."""
-    def cosine(u, v):
-        return sum(a * b for a, b in zip(u, v)) / (math.sqrt(sum(a * a for a in u)) *
-                                                   math.sqrt(sum(b * b for b in v)))
+def cosine(u, v):
+    return sum(a * b for a, b in zip(u, v)) / (math.sqrt(sum(a * a for a in u)) *
+                                               math.sqrt(sum(b * b for b in v)))
+
+
+def slow_bipartite(x: list[list[float]], metric: list[list[float]], sizes: list[float], r: int,
+                   offset: int = 0):
+    """One ToMe step on one sample with plain loops: returns (kept indices, merged rows, sizes).
+
+    ``offset`` tokens (a class token) precede ``x`` in the alternation: i is in A when i + offset is even."""
     n = len(x)
-    a_side, b_side = list(range(0, n, 2)), list(range(1, n, 2))
+    a_side = [i for i in range(n) if (i + offset) % 2 == 0]
+    b_side = [i for i in range(n) if (i + offset) % 2 == 1]
     best = {}
     for a in a_side:
         sims = [(cosine(metric[a], metric[b]), b) for b in b_side]
@@ -61,21 +67,86 @@ def vision_input(x: torch.Tensor, keep: int, keys: torch.Tensor | None = None,
                      sizes=sizes if sizes is not None else torch.ones(b, n))
 
 
+@pytest.mark.parametrize("partition, class_token, offset",
+                         [("reference", True, 1), ("reference", False, 0), ("patches", True, 0)])
 @pytest.mark.parametrize("n, keep", [(31, 20), (40, 20), (12, 11)])
-def test_tome_step_matches_a_plain_loop_merge(n, keep):
+def test_tome_step_matches_a_plain_loop_merge(n, keep, partition, class_token, offset):
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(2, n, 6, generator=gen, dtype=torch.float64)
     keys = torch.randn(2, n, 5, generator=gen, dtype=torch.float64)
     sizes = torch.randint(1, 4, (2, n), generator=gen).double()
     site = vision_input(x, keep, keys, sizes)
-    reduction = ToMe().reduce(site)
+    method = ToMe(partition=partition)
+    method.class_token = class_token
+    reduction = method.reduce(site)
     reduction.check(site)
     for i in range(2):
         kept, rows, new_sizes = slow_bipartite(x[i].tolist(), keys[i].tolist(), sizes[i].tolist(),
-                                               n - keep)
+                                               n - keep, offset)
         assert reduction.keep[i].tolist() == kept
         assert torch.allclose(reduction.values[i], torch.tensor(rows, dtype=torch.float64))
         assert reduction.sizes[i].tolist() == new_sizes
+
+
+def reference_groups_with_cls(metric: list[list[float]], r: int) -> set[frozenset[int]]:
+    """ToMe's bipartite matching (tome/merge.py, class_token=True) on [CLS, patches], in plain loops.
+
+    The alternation runs over the whole sequence: A = even positions (CLS first, its scores -inf,
+    so never merged), B = odd positions; r is capped at (T - 1) // 2; the r A tokens with the best
+    match merge into it. Returns every merge group of two or more tokens as patch indices
+    (sequence position - 1)."""
+    t = len(metric)
+    r = min(r, (t - 1) // 2)
+    a_side, b_side = list(range(0, t, 2)), list(range(1, t, 2))
+    best = {}
+    for a in a_side:
+        if a == 0:
+            best[a] = (-math.inf, b_side[0])
+            continue
+        sims = [(cosine(metric[a], metric[b]), b) for b in b_side]
+        top = max(s for s, _ in sims)
+        best[a] = (top, next(b for s, b in sims if s == top))
+    merged = sorted(a_side, key=lambda a: -best[a][0])[:r]
+    groups: dict[int, set[int]] = {}
+    for a in merged:
+        groups.setdefault(best[a][1], {best[a][1]}).add(a)
+    return {frozenset(p - 1 for p in group) for group in groups.values()}
+
+
+def merge_groups(reduction) -> set[frozenset[int]]:
+    """Merge groups of a one-sample reduction of one-hot features: the rows that mix several tokens."""
+    values = reduction.values[0]
+    return {frozenset(torch.nonzero(row).flatten().tolist()) for row in values if (row != 0).sum() > 1}
+
+
+def jaccard(groups: set[frozenset[int]], other: set[frozenset[int]]) -> float:
+    return len(groups & other) / len(groups | other)
+
+
+@pytest.mark.parametrize("r", [1, 50, 144, 288])
+def test_partition_counts_the_class_token_as_tome_does(r):
+    """577 CLIP tokens (CLS + 24x24 patches): the groups equal ToMe's own matching with a class token,
+    where patch p is in A when p is odd; the patches-only split (A = even patches) differs."""
+    gen = torch.Generator().manual_seed(r)
+    metric = torch.randn(577, 8, generator=gen, dtype=torch.float64)
+    expected = reference_groups_with_cls(metric.tolist(), r)
+    assert len(expected) >= 1 and sum(len(g) - 1 for g in expected) == r
+    patches = torch.eye(576, dtype=torch.float64)[None]  # one-hot rows reveal who merged with whom
+    site = vision_input(patches, 576 - r, metric[None, 1:])
+    method = ToMe()
+    method.schedule(576, 576 - r, model_info())  # CLIP: 577 encoder tokens for 576 patches
+    assert method.class_token
+    groups = merge_groups(method.reduce(site))
+    assert groups == expected
+    patches_only = merge_groups(ToMe(partition="patches").reduce(site))
+    if r > 1:
+        assert jaccard(patches_only, expected) < 0.99
+
+
+def test_no_class_token_alternates_from_the_first_patch():
+    method = ToMe()
+    method.schedule(576, 300, model_info(vision_tokens=576))
+    assert not method.class_token
 
 
 def test_merging_conserves_size_weighted_mass():
