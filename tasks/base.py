@@ -48,6 +48,7 @@ class Task:
     - ``metric_scale``: the primary metric's full scale (100 for a percentage, 2000 for MME perception).
     - ``max_new_tokens``: the greedy-decoding length the answers need.
     - ``source``: where the data come from (a hub id, or "generated").
+    - ``scoring``: ``official`` or ``lenient`` (see the attribute).
     - ``bootstrap_unit``: ``meta`` keys whose values together identify the samples ``aggregate``
       scores jointly (MME's question pair per image, MMBench's circular group); the bootstrap CI
       resamples those units whole. Empty: every sample is its own unit.
@@ -60,9 +61,16 @@ class Task:
     source: ClassVar[str] = ""
     description: ClassVar[str] = ""
     bootstrap_unit: ClassVar[tuple[str, ...]] = ()
+    #: ``official`` (each benchmark's own rule) or ``lenient`` (tokenbench's wider answer parsing,
+    #: where a task has one); the harness sets it from ``--scoring``.
+    scoring: str = "official"
 
     def __init__(self, data_dir: str | Path | None = None) -> None:
         self.data_dir = Path(data_dir) if data_dir else None
+
+    def provenance(self) -> dict[str, Any]:
+        """What the run record's provenance says about this task's data and scoring rule."""
+        return {"scoring": self.scoring}
 
     def samples(self, limit: int | None = None) -> Iterator[Sample]:
         """Yield evaluation samples in a fixed order (the first ``limit`` of them)."""

@@ -1,8 +1,10 @@
 """The real benchmarks of the token-compression papers, as LLaVA-1.5 evaluates them.
 
-Each class reads the lmms-lab copy of the benchmark on the Hugging Face hub (or a local copy with
-the same schema, ``--data-dir``), builds LLaVA-1.5's prompt (the adapter adds the chat template)
-and scores with the benchmark's official rule:
+Each class reads the lmms-lab copy of the benchmark on the Hugging Face hub, under the hub id below
+or the same repository in the ``lmms-lab-encoder`` organisation that the current lmms-eval reads
+(the run record's provenance names which one loaded), or a local copy with the same schema
+(``--data-dir``); builds LLaVA-1.5's prompt (the adapter adds the conversation template) and
+scores with the benchmark's official rule as LLaVA-1.5's evaluation applies it:
 
 ============== ========================== ===================== =====================================
 task           hub id (subset / split)    primary metric        official rule reproduced
@@ -11,12 +13,21 @@ pope           lmms-lab/POPE (test)       f1 (mean of 3 splits) POPE acc/precisi
 mme            lmms-lab/MME (test)        total (P + C, /2800)  MME acc + acc+ per subtask, summed
 gqa            lmms-lab/GQA (testdev bal) accuracy              exact match after normalisation
 textvqa        lmms-lab/textvqa (val)     accuracy              VQA accuracy, OCR tokens in prompt
-scienceqa-img  lmms-lab/ScienceQA (IMG)   accuracy              letter accuracy, image questions only
-mmbench        lmms-lab/MMBench (en dev)  accuracy (circular)   CircularEval over index mod 1e6 groups
-seedbench      lmms-lab/SEED-Bench (test) accuracy              letter accuracy, image questions only
-vqav2          lmms-lab/VQAv2 (val)       accuracy              VQA accuracy (val, not test-dev)
-vizwiz         lmms-lab/VizWiz-VQA (val)  accuracy              VQA accuracy incl. "unanswerable"
+scienceqa-img  lmms-lab/ScienceQA (IMG)   accuracy              LLaVA's eval_science_qa letter rule
+mmbench        lmms-lab/MMBench (en dev)  accuracy (circular)   CircularEval, MMBench's can_infer
+seedbench      lmms-lab/SEED-Bench (test) accuracy              exact letter match, image part only
+vqav2          lmms-lab/VQAv2 (val)       accuracy              VQA accuracy, vqaEval normalisation
+vizwiz         lmms-lab/VizWiz-VQA (val)  accuracy              VQA accuracy, EvalAI normalisation
 ============== ========================== ===================== =====================================
+
+POPE is read from the default subset's ``test`` split (a ``category`` column names the COCO split)
+or, failing that, from the ``Full`` subset's three splits ``random``/``popular``/``adversarial``.
+MME refuses a category outside its 14 subtasks. MMBench scores a circular group only when its
+first row (index < 1e6) is present, as the official tool does.
+
+``--scoring lenient`` (``Task.scoring``) keeps tokenbench's earlier, wider parsing for the
+multiple-choice and VQA benchmarks: :func:`~tokenbench.tasks.choice.extract_choice` for the three
+choice tasks and :func:`~tokenbench.tasks.vqa_scoring.normalize_lenient` for the three VQA tasks.
 """
 
 from __future__ import annotations
@@ -25,15 +36,30 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from PIL import Image
-from tokenbench.tasks.base import Sample
-from tokenbench.tasks.choice import LETTERS, choice_prompt, extract_choice
-from tokenbench.tasks.hub import SampleError, load_split, open_image, raw_row
+from tokenbench.tasks.base import Sample, TaskDataError
+from tokenbench.tasks.choice import (
+    LETTERS,
+    choice_prompt,
+    extract_choice,
+    read_exact_letter,
+    read_mmbench,
+    read_scienceqa,
+)
+from tokenbench.tasks.hub import SampleError, open_image, raw_row, require_datasets
 from tokenbench.tasks.hub_task import SHORT_ANSWER, HubTask, broken_sample, column_arrow
-from tokenbench.tasks.mme import mme_metrics
+from tokenbench.tasks.mme import COGNITION, PERCEPTION, mme_metrics
 from tokenbench.tasks.mme import read_yes_no as read_mme_answer
+from tokenbench.tasks.pope import SPLITS as POPE_SPLITS
 from tokenbench.tasks.pope import pope_metrics
 from tokenbench.tasks.pope import read_yes_no as read_pope_answer
-from tokenbench.tasks.vqa_scoring import gqa_match, most_common_answer, normalize_answer, vqa_accuracy
+from tokenbench.tasks.vqa_scoring import (
+    gqa_match,
+    most_common_answer,
+    normalize_answer,
+    normalize_lenient,
+    normalize_vqav2,
+    vqa_accuracy,
+)
 
 import tokenbench
 
@@ -54,6 +80,30 @@ class Pope(HubTask):
     required = ("question", "answer", "category")
     description = ("POPE object hallucination, COCO random/popular/adversarial splits (9000 yes/no "
                    "questions); F1 in percent averaged over the three splits")
+
+    full_config: ClassVar[str] = "Full"
+
+    def rows(self) -> Any:
+        """The default subset's ``test`` split; else the ``Full`` subset, one split per COCO split."""
+        try:
+            return super().rows()
+        except TaskDataError as default_layout:
+            try:
+                return self._full_rows()
+            except TaskDataError:
+                raise default_layout from None
+
+    def _full_rows(self) -> Any:
+        datasets = require_datasets(self.name)
+        parts = []
+        for split in POPE_SPLITS:
+            rows = self.load(self.full_config, split)
+            if "category" in rows.column_names:
+                rows = rows.remove_columns("category")
+            parts.append(rows.add_column("category", [split] * len(rows)))
+        rows = datasets.concatenate_datasets(parts)
+        self.check_columns(rows, self.required + (self.image_column,))
+        return rows
 
     def sample_id(self, index: int, row: dict[str, Any]) -> str:
         return f"{row.get('category')}-{super().sample_id(index, row)}"
@@ -82,6 +132,16 @@ class MME(HubTask):
     bootstrap_unit = ("category", "image")  # acc+ scores an image's two questions together
     description = ("MME, all 14 subtasks (2374 yes/no questions, two per image); total = perception "
                    "(/2000) + cognition (/800), each subtask scored acc + acc+")
+
+    def select(self, rows: Any) -> Any:
+        """All rows; a category outside MME's 14 subtasks is an error (it would drop out of the totals)."""
+        known = set(PERCEPTION + COGNITION)
+        unknown = sorted({str(c) for c in column_arrow(rows, "category").to_pylist()} - known)
+        if unknown:
+            raise TaskDataError(f"task '{self.name}': category '{unknown[0]}' is not one of MME's 14 "
+                                f"subtasks ({', '.join(PERCEPTION + COGNITION)}); use the schema of "
+                                f"{self.hub_id}")
+        return rows
 
     def sample_id(self, index: int, row: dict[str, Any]) -> str:
         return f"{super().sample_id(index, row)}#{index}"  # question_id names the image: two rows each
@@ -115,7 +175,9 @@ class GQA(HubTask):
 
     def rows(self) -> Any:
         questions = super().rows()
-        self._images = load_split(self.name, self.hub_id, self.images_config, self.split, self.data_dir)
+        source = self.dataset_source
+        self._images = self.load(self.images_config, self.split)
+        self.dataset_source = source
         self.check_columns(self._images, ("id", "image"))
         image_ids = column_arrow(self._images, "id").to_pylist()
         self._image_position = {str(key): position for position, key in enumerate(image_ids)}
@@ -158,14 +220,18 @@ class _VQATask(HubTask):
     def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
         return Sample(sample_id, self.prompt(row), image, _answer_texts(row["answers"]))
 
+    def normalize(self, answer: str) -> str:
+        """The benchmark's answer normalisation: EvalAI's (TextVQA, VizWiz), or the lenient one."""
+        return normalize_lenient(answer) if self.scoring == "lenient" else normalize_answer(answer)
+
     def score(self, sample: Sample, prediction: str) -> dict[str, Any]:
-        return {"accuracy": vqa_accuracy(prediction, sample.target)}
+        return {"accuracy": vqa_accuracy(prediction, sample.target, self.normalize)}
 
     def aggregate(self, records: Records) -> dict[str, float]:
         return {"accuracy": _mean_percent([r["scores"]["accuracy"] for r in records])}
 
     def reference_prediction(self, sample: Sample) -> str:
-        return most_common_answer(sample.target)
+        return most_common_answer(sample.target, self.normalize)
 
 
 class TextVQA(_VQATask):
@@ -186,7 +252,11 @@ class VQAv2(_VQATask):
     hub_id = source = "lmms-lab/VQAv2"
     split = "validation"
     description = ("VQAv2 validation (214k questions; papers report test-dev, scored by the EvalAI "
-                   "server, so expect ~1 point apart; use --limit for a subset); VQA accuracy, percent")
+                   "server, so expect ~1 point apart; use --limit for a subset); VQA accuracy with "
+                   "vqaEval's normalisation, percent")
+
+    def normalize(self, answer: str) -> str:
+        return normalize_lenient(answer) if self.scoring == "lenient" else normalize_vqav2(answer)
 
 
 class VizWiz(_VQATask):
@@ -219,11 +289,15 @@ class _ChoiceTask(HubTask):
 
     max_new_tokens = 16
 
-    def options(self, row: dict[str, Any]) -> dict[str, str]:
-        raise NotImplementedError
+    #: The benchmark's official reading of an answer: (prediction, options) -> letter or None.
+    official_reader: ClassVar[Callable[[str, Mapping[str, str]], str | None]]
+
+    def read(self, prediction: str, options: Mapping[str, str]) -> str | None:
+        reader = extract_choice if self.scoring == "lenient" else type(self).official_reader
+        return reader(prediction, options)
 
     def score(self, sample: Sample, prediction: str) -> dict[str, Any]:
-        choice = extract_choice(prediction, sample.meta["options"])
+        choice = self.read(prediction, sample.meta["options"])
         return {"choice": choice, "answer": sample.target, "correct": float(choice == sample.target)}
 
     def aggregate(self, records: Records) -> dict[str, float]:
@@ -238,6 +312,7 @@ class ScienceQAImg(_ChoiceTask):
     required = ("question", "choices", "answer")
     id_column = None
     description = "ScienceQA test, questions with an image (2017); option-letter accuracy, percent"
+    official_reader = staticmethod(read_scienceqa)
 
     def select(self, rows: Any) -> Any:
         with_image = column_arrow(rows, "image").is_valid().to_pylist()
@@ -266,6 +341,7 @@ class MMBench(_ChoiceTask):
     required = ("question", "answer", "A", "B")
     id_column = "index"
     circular_stride: ClassVar[int] = 1_000_000
+    official_reader = staticmethod(read_mmbench)
     bootstrap_unit = ("circular_group",)  # CircularEval scores a group's rotations together
     description = ("MMBench English dev; accuracy by CircularEval: a question counts only if all its "
                    "option-rotated copies (rows sharing index mod 1e6) are right; "
@@ -275,17 +351,22 @@ class MMBench(_ChoiceTask):
         options = {letter: str(row[letter]).strip() for letter in "ABCDE" if _is_option(row.get(letter))}
         hint = row.get("hint")
         context = str(hint).strip() if _is_option(hint) else None
-        group = int(row["index"]) % self.circular_stride if row.get("index") is not None else sample_id
+        index = int(row["index"]) if row.get("index") is not None else None
+        group = index % self.circular_stride if index is not None else sample_id
         return Sample(sample_id, choice_prompt(row["question"].strip(), options, context), image,
                       str(row["answer"]).strip(), {"options": options, "circular_group": group,
+                                                   "circular_first": index is None or index < self.circular_stride,
                                                    "category": row.get("category")})
 
     def aggregate(self, records: Records) -> dict[str, float]:
+        """CircularEval over the groups whose first row (index < 1e6) is among the records."""
         groups: dict[Any, bool] = {}
         for r in records:
             key = r["meta"].get("circular_group", r["sample_id"])
             groups[key] = groups.get(key, True) and r["scores"]["correct"] == 1.0
-        return {"accuracy": _mean_percent([float(ok) for ok in groups.values()]),
+        scored = {r["meta"].get("circular_group", r["sample_id"]) for r in records
+                  if r["meta"].get("circular_first", True)}
+        return {"accuracy": _mean_percent([float(groups[key]) for key in scored]),
                 "single_pass_accuracy": super().aggregate(records)["accuracy"]}
 
 
@@ -295,6 +376,7 @@ class SEEDBench(_ChoiceTask):
     split = "test"
     required = ("question", "answer", "choice_a", "choice_b", "choice_c", "choice_d")
     description = "SEED-Bench image part (14k questions, 9 dimensions); option-letter accuracy, percent"
+    official_reader = staticmethod(read_exact_letter)
 
     def select(self, rows: Any) -> Any:
         """The image part: ``data_type == "image"`` (dimensions 1-9; 10-12 are video)."""

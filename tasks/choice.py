@@ -1,7 +1,20 @@
 """Multiple-choice questions: the LLaVA-1.5 prompt and reading the chosen letter back.
 
-Models answer "B", "B.", "(B)", "B) a cat", "The answer is B", or the option text itself;
-:func:`extract_choice` accepts all of them, and nothing that names two different options.
+Each benchmark's official rule (the default, ``--scoring official``):
+
+- ScienceQA-IMG, :func:`read_scienceqa` (LLaVA's ``eval_science_qa``): the answer is exactly a
+  letter A-E, or starts with a letter followed by ". ", or holds "The answer is X" plus one more
+  character exactly once; anything else fails.
+- SEED-Bench, :func:`read_exact_letter` (LLaVA's SEED conversion): the answer is exactly the letter.
+- MMBench, :func:`read_mmbench` (the official tool's ``can_infer``, without its ChatGPT fallback):
+  exactly one of A-E as a word (alone, or in one of the forms "A.", "A,", "A:", "A)", "A).", "(A)",
+  "(A).", ":A", ":A,", ":A.", ":A)", ":A)."), else exactly one option's text inside the answer.
+  A word "A" in an answer of more than three words is taken as the article in the first test.
+
+An answer that names two options, or none, scores 0 under all three.
+
+:func:`extract_choice` (``--scoring lenient``, tokenbench's earlier reading) also accepts "B) a cat",
+"The answer is B", "(B)" anywhere, and an option's text said alone or uniquely contained.
 """
 
 from __future__ import annotations
@@ -17,6 +30,9 @@ _LEADING_LETTER = re.compile(r"^[(\[]?\s*([A-J])\s*(?:[)\].:,]|$|\s)")
 _FORMATTED_A = re.compile(r"^(?:[(\[]\s*A\s*[)\]]|A\s*[.:)]|A$)")
 _ANSWER_IS = re.compile(r"\b(?i:answer|option|choice)\s*(?:is|:)?\s*:?\s*[(\[]?([A-J])(?![\w'])")
 _BRACKETED = re.compile(r"[(\[]([A-J])[)\]]")
+_SCIENCEQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+_MMBENCH_FORMS = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."),
+                  (":", ""), (":", ","), (":", "."), (":", ")"), (":", ")."))
 
 
 def options_block(options: Mapping[str, str]) -> str:
@@ -69,3 +85,37 @@ def _option_text_named(text: str, options: Mapping[str, str]) -> str | None:
     # Prefer the longest match when one option's text contains another's ("red" vs "dark red").
     contained = [c for c in contained if not any(c != o and plain[c] in plain[o] for o in contained)]
     return contained[0] if len(contained) == 1 else None
+
+
+def read_scienceqa(prediction: str, options: Mapping[str, str]) -> str | None:
+    """LLaVA's ScienceQA rule; None when it fails or names no option of this question."""
+    letters = ("A", "B", "C", "D", "E")
+    if prediction in letters:
+        letter = prediction
+    elif len(prediction) >= 3 and prediction[0] in letters and prediction[1:3] == ". ":
+        letter = prediction[0]
+    else:
+        found = _SCIENCEQA_ANSWER_IS.findall(prediction)
+        letter = found[0] if len(found) == 1 else ""
+    return letter if letter and letter in options else None
+
+
+def read_exact_letter(prediction: str, options: Mapping[str, str]) -> str | None:
+    """SEED-Bench's rule: the (stripped) answer is the letter itself."""
+    return prediction if prediction in options else None
+
+
+def read_mmbench(prediction: str, options: Mapping[str, str]) -> str | None:
+    """MMBench's matching (see the module docstring); None when no single option is inferred."""
+    words = [w.strip() for w in prediction.split()]
+    candidates = "ABCDE"
+    if sum(c in words for c in candidates) == 1 and not ("A" in words and len(words) > 3):
+        return next(c for c in candidates if c in words)
+    for prefix, suffix in _MMBENCH_FORMS:
+        named = [c for c in candidates if f"{prefix}{c}{suffix}" in words]
+        if len(named) == 1:
+            return named[0]
+    said = prediction.lower()
+    named = [letter for letter, text in options.items()
+             if letter in "ABCD" and str(text).lower() in said]
+    return named[0] if len(named) == 1 else None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -69,6 +69,22 @@ def load_split(task: str, hub_id: str, config: str | None, split: str,
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TaskDataError(f"task '{task}': cannot load {hub_id}{offline}: {reason}; "
                             f"{how_to_get(hub_id, config, split)}") from None
+
+
+def load_first(task: str, hub_ids: Sequence[str], config: str | None, split: str,
+               data_dir: Path | None = None) -> tuple[Any, str]:
+    """The split from the first of ``hub_ids`` that loads, with where it came from: that hub id, or
+    the local copy (read in the schema of ``hub_ids[0]``); ``TaskDataError`` when none loads."""
+    if data_dir is not None:
+        return load_split(task, hub_ids[0], config, split, data_dir), f"{hub_ids[0]} (local copy {data_dir})"
+    failures = []
+    for hub_id in hub_ids:
+        try:
+            return load_split(task, hub_id, config, split), hub_id
+        except TaskDataError as exc:
+            failures.append(exc)
+    tried = f" (also tried {', '.join(hub_ids[1:])})" if len(hub_ids) > 1 else ""
+    raise TaskDataError(f"{failures[0]}{tried}")
 
 
 def _probe_hub(task: str, hub_id: str, config: str | None, split: str) -> None:

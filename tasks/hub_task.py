@@ -13,9 +13,12 @@ from typing import Any, ClassVar
 
 from PIL import Image
 from tokenbench.tasks.base import Sample, Task, TaskDataError
-from tokenbench.tasks.hub import SampleError, load_split, open_image, raw_rows
+from tokenbench.tasks.hub import SampleError, load_first, open_image, raw_rows
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
+# The organisation the current lmms-eval release reads these benchmarks from; each hub id of the
+# older "lmms-lab" organisation is also tried under it.
+CURRENT_ORG = "lmms-lab-encoder"
 
 
 class HubTask(Task):
@@ -28,10 +31,26 @@ class HubTask(Task):
     image_column: ClassVar[str | None] = "image"
     id_column: ClassVar[str | None] = "question_id"
 
+    dataset_source: str | None = None  # the hub id (or local copy) the rows came from, once loaded
+
+    @property
+    def hub_ids(self) -> tuple[str, ...]:
+        """``hub_id`` (the lmms-lab organisation), then the same repository under :data:`CURRENT_ORG`."""
+        org, _, repo = self.hub_id.partition("/")
+        return (self.hub_id,) if org == CURRENT_ORG else (self.hub_id, f"{CURRENT_ORG}/{repo}")
+
+    def load(self, config: str | None, split: str) -> Any:
+        """One split from the first hub id that has it (or the local copy); records where from."""
+        rows, self.dataset_source = load_first(self.name, self.hub_ids, config, split, self.data_dir)
+        return rows
+
+    def provenance(self) -> dict[str, Any]:
+        return super().provenance() | {"dataset": self.dataset_source}
+
     def rows(self) -> Any:
         """The evaluated rows (a ``datasets.Dataset``); ``TaskDataError`` when the data are missing
         or lack a column."""
-        rows = load_split(self.name, self.hub_id, self.config, self.split, self.data_dir)
+        rows = self.load(self.config, self.split)
         self.check_columns(rows, self.required + ((self.image_column,) if self.image_column else ()))
         return self.select(rows)
 

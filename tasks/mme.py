@@ -38,10 +38,14 @@ def read_yes_no(prediction: str) -> str:
 def mme_metrics(records: Iterable[tuple[str, str, bool]]) -> dict[str, float]:
     """Metrics from (subtask, image id, correct) triples.
 
-    acc+ counts an image when every question of it that was answered is right (both, on full runs)."""
+    acc+ counts an image when every question of it that was answered is right (both, on full runs).
+    A category outside the 14 subtasks raises ``ValueError`` naming it."""
     questions: dict[str, list[bool]] = defaultdict(list)
     images: dict[str, dict[str, bool]] = defaultdict(dict)
     for category, image, correct in records:
+        if category not in PERCEPTION and category not in COGNITION:
+            raise ValueError(f"MME category '{category}' is not one of the 14 subtasks "
+                             f"({', '.join(PERCEPTION + COGNITION)})")
         questions[category].append(correct)
         images[category][image] = images[category].get(image, True) and correct
     result: dict[str, float] = {}

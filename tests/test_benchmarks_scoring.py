@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import pytest
-from tokenbench.tasks.choice import choice_prompt, extract_choice
+from tokenbench.tasks.choice import (
+    choice_prompt,
+    extract_choice,
+    read_exact_letter,
+    read_mmbench,
+    read_scienceqa,
+)
 from tokenbench.tasks.mme import mme_metrics
 from tokenbench.tasks.mme import read_yes_no as read_mme
 from tokenbench.tasks.pope import binary_metrics, pope_metrics
 from tokenbench.tasks.pope import read_yes_no as read_pope
 from tokenbench.tasks.vqa_scoring import (
+    OFFICIAL_CONTRACTIONS,
     gqa_match,
     most_common_answer,
     normalize_answer,
+    normalize_lenient,
+    normalize_vqav2,
     vqa_accuracy,
 )
 
@@ -168,3 +177,67 @@ def test_mme_acc_plus_needs_both_questions_of_an_image() -> None:
     assert metrics["perception"] == pytest.approx(175.0)
     assert metrics["cognition"] == pytest.approx(200.0)
     assert metrics["total"] == pytest.approx(375.0)
+
+
+# --- the official rules (default) against tokenbench's lenient reading -----------------------------
+
+FOUR = {"A": "dog", "B": "cat", "C": "bicycle", "D": "red"}
+
+
+@pytest.mark.parametrize("prediction, official, lenient", [
+    ("B", "B", "B"), ("B. cat", "B", "B"), ("The answer is C.", "C", "C"),
+    ("B.", None, "B"),                       # LLaVA's rule wants "B" alone or "B. " + text
+    ("(B)", None, "B"), ("The answer is C", None, "C"),   # the pattern needs one more character
+    ("A or B", None, "A"), ("A, B", None, "A"), ("B or C", None, "B"),   # two options named
+    ("A cat is shown.", None, "B"), ("Bicycle", None, "C"), ("E", None, None), ("b", None, "B"),
+])
+def test_scienceqa_reads_by_llava_rule(prediction: str, official: str | None, lenient: str | None) -> None:
+    assert read_scienceqa(prediction, FOUR) == official
+    assert extract_choice(prediction, FOUR) == lenient
+
+
+@pytest.mark.parametrize("prediction, official", [
+    ("B", "B"), ("B.", None), ("(B)", None), ("b", None), ("B) cat", None), ("cat", None), ("E", None),
+])
+def test_seedbench_reads_the_exact_letter(prediction: str, official: str | None) -> None:
+    assert read_exact_letter(prediction, FOUR) == official
+
+
+@pytest.mark.parametrize("prediction, official", [  # agrees with lmms-eval's MMBench can_infer
+    ("B", "B"), ("B.", "B"), ("(C)", "C"), ("The answer is D", "D"), ("Answer: (B).", "B"),
+    ("A or B", None), ("B or C", None),        # two letters, no option text
+    ("A, B", "B"),                             # only "B" is a bare word: the official tool picks it
+    ("A cat is shown.", "B"),                  # "A" taken as an article; "cat" is option B's text
+    ("A bird is shown.", None),                # ... and no option's text: nothing
+    ("Bicycle", "C"), ("a dog and a cat", None), ("E", "E"),
+])
+def test_mmbench_reads_by_the_official_can_infer(prediction: str, official: str | None) -> None:
+    assert read_mmbench(prediction, FOUR) == official
+
+
+@pytest.mark.parametrize("prediction, answers, vqav2, evalai, lenient", [
+    ("red,white", ["red white"] * 4 + ["red"] * 6, 1.0, 0.0, 0.0),
+    ("let 's go", ["let's go"] * 4 + ["go"] * 6, 0.0, 1.0, 1.0),
+    ("Two", ["2"] * 10, 1.0, 1.0, 1.0),
+    ("couldntve", ["couldn't've"] * 10, 0.0, 0.0, 1.0),   # not in the official contraction table
+    ("yallll", ["y'all'll"] * 10, 0.0, 0.0, 1.0),
+    ("dont", ["don't"] * 10, 1.0, 1.0, 1.0),
+    ("x" + "." * 40, ["x"] * 10, 0.0, 0.0, 1.0),          # at most 32 periods are removed
+])
+def test_vqa_normalisations(prediction: str, answers: list[str], vqav2: float, evalai: float,
+                            lenient: float) -> None:
+    assert vqa_accuracy(prediction, answers, normalize_vqav2) == pytest.approx(vqav2)
+    assert vqa_accuracy(prediction, answers) == pytest.approx(evalai)
+    assert vqa_accuracy(prediction, answers, normalize_lenient) == pytest.approx(lenient)
+
+
+def test_the_official_contraction_table_keeps_its_quirks() -> None:
+    assert len(OFFICIAL_CONTRACTIONS) == 120
+    assert OFFICIAL_CONTRACTIONS["somebody'd"] == "somebodyd" and "couldntve" not in OFFICIAL_CONTRACTIONS
+    assert normalize_answer("Im") == "im"                  # the key is capitalised, the word lower-cased
+    assert normalize_answer("x" + "." * 40) == "x" + "." * 8
+
+
+def test_mme_refuses_an_unknown_category() -> None:
+    with pytest.raises(ValueError, match="MME category 'Existence'"):
+        mme_metrics([("existence", "a", True), ("Existence", "b", True)])

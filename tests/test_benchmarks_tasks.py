@@ -456,3 +456,95 @@ def test_registered_through_the_entry_point() -> None:
     for task in BENCHMARKS:
         assert registry.tasks.get(task.name) is task
     assert not [p for p in registry.problems if "benchmarks" in p]
+
+
+# --- official scoring, layouts and hub ids --------------------------------------------------------
+
+def test_choice_tasks_score_by_the_official_rule_unless_lenient(tmp_path: Path) -> None:
+    science = ScienceQAImg(data_dir=scienceqa_data(tmp_path / "s"))
+    seed = SEEDBench(data_dir=seed_data(tmp_path / "e"))
+    mmbench = MMBench(data_dir=mmbench_data(tmp_path / "m"))
+    for task, answer in ((science, "A or B"), (seed, "A."), (mmbench, "A or B")):
+        sample = next(iter(task.samples()))
+        assert sample.target == "A"
+        assert task.score(sample, answer)["correct"] == 0.0, task.name
+        task.scoring = "lenient"
+        assert task.score(sample, answer)["correct"] == 1.0, task.name
+        assert task.provenance()["scoring"] == "lenient"
+
+
+def test_vqav2_uses_vqaeval_and_textvqa_evalai(tmp_path: Path) -> None:
+    vqav2 = VQAv2(data_dir=vqav2_data(tmp_path / "v"))
+    sample = list(vqav2.samples())[1]          # 6x "red", 4x "dark red"
+    assert vqav2.score(sample, "dark,red")["accuracy"] == 1.0        # "," becomes a space
+    vqav2.scoring = "lenient"
+    assert vqav2.score(sample, "dark,red")["accuracy"] == 0.0        # EvalAI's pre-pass drops it
+    textvqa = TextVQA(data_dir=textvqa_data(tmp_path / "t"))
+    sample = list(textvqa.samples())[1]        # 7x "copenhagen"
+    assert textvqa.score(sample, "copenhagen" + "." * 33)["accuracy"] == 0.0   # a 33rd period survives
+    textvqa.scoring = "lenient"
+    assert textvqa.score(sample, "copenhagen" + "." * 33)["accuracy"] == 1.0
+
+
+def test_mmbench_skips_a_circular_group_without_its_first_row(tmp_path: Path) -> None:
+    task = MMBench(data_dir=mmbench_data(tmp_path))
+    samples = list(task.samples())
+    records = [{"sample_id": s.id, "scores": task.score(s, s.target), "meta": s.meta} for s in samples]
+    without_first = [r for r in records if r["sample_id"] != "241"]          # 1000241 stays, alone
+    assert task.aggregate(without_first)["accuracy"] == pytest.approx(100.0)  # only group 242 counts
+    wrong = [r | {"scores": {"correct": 0.0}} if r["sample_id"] == "1000241" else r for r in without_first]
+    assert task.aggregate(wrong)["accuracy"] == pytest.approx(100.0)
+    assert task.aggregate(wrong)["single_pass_accuracy"] == pytest.approx(50.0)
+
+
+def test_mme_refuses_an_unknown_category(tmp_path: Path) -> None:
+    write(tmp_path, "data", "test", {
+        "question_id": ["a", "b"], "image": [png("red")] * 2, "question": ["Is it? Please answer yes or no."] * 2,
+        "answer": ["Yes", "No"], "category": ["color", "colour"]},
+        {"question_id": Value("string"), "image": ImageFeature(), "question": Value("string"),
+         "answer": Value("string"), "category": Value("string")})
+    with pytest.raises(TaskDataError, match=r"task 'mme': category 'colour' is not one of MME's 14 subtasks"):
+        next(MME(data_dir=tmp_path).samples())
+
+
+def test_pope_reads_the_full_layout_with_three_splits(tmp_path: Path) -> None:
+    for split, color in (("random", "red"), ("popular", "blue"), ("adversarial", "green")):
+        write(tmp_path, "Full", split, {
+            "id": ["0"], "question_id": ["1"], "question": [f"Is there a {split} dog in the image?"],
+            "answer": ["yes"], "image_source": ["COCO_val2014_000000000001"], "image": [png(color)],
+            "category": [split]},
+            {"id": Value("string"), "question_id": Value("string"), "question": Value("string"),
+             "answer": Value("string"), "image_source": Value("string"), "image": ImageFeature(),
+             "category": Value("string")})
+    samples, metrics = run(Pope(data_dir=tmp_path))
+    assert [s.meta["split"] for s in samples] == ["random", "popular", "adversarial"]
+    assert [s.id for s in samples] == ["random-1", "popular-1", "adversarial-1"]
+    assert metrics["f1"] == pytest.approx(100.0)
+
+
+def test_old_and_new_hub_ids_are_both_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenbench.tasks import hub
+
+    table = datasets.Dataset.from_dict({"question": ["q"], "answers": [["a"]], "image": [png("red")]},
+                                       features=Features({"question": Value("string"),
+                                                          "answers": List(Value("string")),
+                                                          "image": ImageFeature()}))
+    tried = []
+
+    def only_new(task, hub_id, config, split, data_dir=None):
+        tried.append(hub_id)
+        if hub_id.startswith("lmms-lab/"):
+            raise TaskDataError(f"task '{task}': cannot load {hub_id}: gone")
+        return table
+
+    monkeypatch.setattr(hub, "load_split", only_new)
+    task = VizWiz()
+    assert task.hub_ids == ("lmms-lab/VizWiz-VQA", "lmms-lab-encoder/VizWiz-VQA")
+    assert len(list(task.samples())) == 1
+    assert tried == ["lmms-lab/VizWiz-VQA", "lmms-lab-encoder/VizWiz-VQA"]
+    assert task.provenance() == {"scoring": "official", "dataset": "lmms-lab-encoder/VizWiz-VQA"}
+    monkeypatch.setattr(hub, "load_split", lambda task, hub_id, *a, **k: (_ for _ in ()).throw(
+        TaskDataError(f"task '{task}': cannot load {hub_id}: gone")))
+    with pytest.raises(TaskDataError, match=r"cannot load lmms-lab/VizWiz-VQA: gone \(also tried "
+                                            r"lmms-lab-encoder/VizWiz-VQA\)"):
+        next(VizWiz().samples())
