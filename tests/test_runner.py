@@ -56,6 +56,7 @@ def test_json_stdout_holds_every_public_record(faulty_run):
                     "seed", "options", "hardware"):
             assert key in prov
         assert prov["dtype"] == "float32" and prov["attention_backend"] == "sdpa" and prov["seed"] == 0
+        assert prov["protocol"] == "llava" and prov["scoring"] == "official"  # a LLaVA checkpoint's defaults
 
 
 def test_faulty_samples_are_recorded_and_the_run_goes_on(faulty_run):

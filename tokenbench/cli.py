@@ -174,11 +174,18 @@ def models(ctx: click.Context) -> None:
                    "checkpoint; implies --no-accuracy): a path, or a shipped config: llava-1.5-7b, "
                    "qwen2-vl-2b.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result records as JSON at the end.")
+@click.option("--scoring", type=click.Choice(["official", "lenient"]), default="official", show_default=True,
+              help="Benchmark scoring: each benchmark's official rule, or lenient (wider reading of choice "
+                   "letters and VQA answers; recorded in the provenance).")
+@click.option("--protocol", type=click.Choice(["llava", "hf"]), default=None,
+              help="Prompt and image protocol: llava (LLaVA-1.5's pad-to-square and vicuna_v1 conversation; "
+                   "default for LLaVA checkpoints) or hf (processor and chat template; default for "
+                   "embedded models and other families).")
 @click.pass_context
 def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, tasks_text: str,
         limit: int | None, seed: int, output: str, option_assignments: tuple[str, ...], dtype: str,
         attn: str, device: str, batch_size: int, data_dir: str | None, efficiency: bool,
-        accuracy: bool, model_config: str | None, as_json: bool) -> None:
+        accuracy: bool, model_config: str | None, as_json: bool, scoring: str, protocol: str | None) -> None:
     """Run methods x budgets x tasks on a model (plus the uncompressed baseline)."""
     registry = _registry(ctx)
     method_names = parse_method_list(methods_text, registry)
@@ -213,11 +220,15 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         model=model_ref,
         methods=[MethodSpec(n, options[n]) for n in method_names], budgets=budget_list, tasks=task_names,
         limit=limit, seed=seed, output=Path(output), dtype=dtype, attn=attn, device=device,
-        batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None, efficiency=efficiency)
+        batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None, efficiency=efficiency,
+        scoring=scoring, protocol=protocol)
     try:
+        from tokenbench.runner import resolve_protocol
         from tokenbench.runner import run as run_benchmark
     except ImportError:
         raise click.ClickException("the harness is not built yet: 'run' validated its arguments only")
+    if model_ref.model_type is not None:
+        resolve_protocol(config, registry.adapter_for(model_ref.model_type))
     records = run_benchmark(config, registry, accuracy=accuracy, random_weights=model_config is not None)
     if as_json:
         click.echo(json.dumps(records, indent=2))

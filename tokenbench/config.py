@@ -49,6 +49,8 @@ class RunConfig:
     batch_size: int = 8
     data_dir: Path | None = None
     efficiency: bool = True
+    scoring: str = "official"  # each benchmark's official rule, or "lenient" (Task.scoring)
+    protocol: str | None = None  # "llava" / "hf"; None: the model's default (runner.resolve_protocol)
 
 
 def parse_method_list(text: str, registry: Registry) -> list[str]:

@@ -82,7 +82,8 @@ def run_arguments(config: RunConfig, accuracy: bool = True) -> dict[str, Any]:
             "budgets": [b.label for b in config.budgets], "tasks": list(config.tasks),
             "limit": config.limit, "seed": config.seed, "dtype": config.dtype, "attn": config.attn,
             "device": config.device, "data_dir": str(config.data_dir) if config.data_dir else None,
-            "efficiency": config.efficiency, "tokenbench": tokenbench.__version__}
+            "efficiency": config.efficiency, "tokenbench": tokenbench.__version__,
+            "scoring": config.scoring, "protocol": config.protocol}
 
 
 def load_adapter(config: RunConfig, registry: Registry, random_weights: bool = False) -> VLMAdapter:
@@ -92,14 +93,30 @@ def load_adapter(config: RunConfig, registry: Registry, random_weights: bool = F
     if random_weights:
         from tokenbench.random_model import random_weight_adapter
 
-        return random_weight_adapter(Path(config.model.location), registry, dtype=dtype, attn=config.attn,
-                                     device=device)
+        adapter = random_weight_adapter(Path(config.model.location), registry, dtype=dtype, attn=config.attn,
+                                        device=device)
+        adapter.protocol = resolve_protocol(config, type(adapter))
+        return adapter
     if model_type is None:
         from transformers import AutoConfig
 
         model_type = AutoConfig.from_pretrained(config.model.location).model_type
     cls = registry.adapter_for(model_type)
-    return cls.load(config.model.location, dtype=dtype, attn=config.attn, device=device)
+    adapter = cls.load(config.model.location, dtype=dtype, attn=config.attn, device=device)
+    adapter.protocol = resolve_protocol(config, cls)
+    return adapter
+
+
+def resolve_protocol(config: RunConfig, adapter_cls: type[VLMAdapter]) -> str:
+    """``--protocol``, else ``hf`` for embedded models (the protocol they were trained with), else the
+    family's default (``llava`` for LLaVA checkpoints); ``ConfigError`` when the family lacks it."""
+    offered = getattr(adapter_cls, "protocols", ("hf",))
+    if config.protocol is None:
+        return "hf" if config.model.embedded else getattr(adapter_cls, "default_protocol", "hf")
+    if config.protocol not in offered:
+        raise ConfigError(f"--protocol {config.protocol}: the {adapter_cls.name} adapter offers "
+                          f"{', '.join(offered)}; drop --protocol or pick one of those")
+    return config.protocol
 
 
 def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
@@ -151,6 +168,7 @@ class Harness:
     # ------------------------------------------------------------------------------------- task
     def run_task(self, task_name: str) -> list[dict[str, Any]]:
         task: Task = self.registry.task(task_name)(self.config.data_dir)
+        task.scoring = self.config.scoring
         samples = list(task.samples(self.config.limit))
         live: list[tuple[Arm, TokenCompressor | None]] = []
         infeasible: dict[str, str] = {}  # by arm label
@@ -374,7 +392,9 @@ class Harness:
                                          seed=self.config.seed, options=arm.spec.options,
                                          model_location=self.config.model.location)
                 | {"limit": self.config.limit, "max_new_tokens": task.max_new_tokens,
-                   "batch_size": self.config.batch_size, "random_weights": self.random_weights}}
+                   "batch_size": self.config.batch_size, "random_weights": self.random_weights,
+                   "protocol": getattr(self.adapter, "protocol", "hf")}
+                | getattr(task, "provenance", dict)()}
 
     def _stages(self, arm: Arm, records: Sequence[dict[str, Any]]) -> list[str]:
         """The stages the method actually acted at (from the traces' plans), else those it declares."""

@@ -81,10 +81,17 @@ class VLMAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
     stages: ClassVar[frozenset[Stage]] = frozenset()
     description: ClassVar[str] = ""
+    #: Evaluation protocols (prompt template and image preprocessing) the adapter offers: ``hf`` is the
+    #: checkpoint's processor and chat template; a family may add its paper's own (LLaVA: ``llava``).
+    protocols: ClassVar[tuple[str, ...]] = ("hf",)
+    #: The protocol ``tokenbench run`` uses for a checkpoint of this family when ``--protocol`` is not
+    #: given (embedded models always use ``hf``, the protocol they were trained with).
+    default_protocol: ClassVar[str] = "hf"
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         self.model = model.eval()
         self.processor = processor
+        self.protocol = "hf"
 
     @classmethod
     @abstractmethod

@@ -5,6 +5,16 @@ log-size bias on the keys), ``vision_out`` (the selected CLIP layer, CLS dropped
 projector; the projector then runs on the kept tokens only), ``projector`` and ``llm``.
 The CLIP encoder runs as an explicit loop over its stock blocks up to the selected feature layer;
 the blocks after it cannot influence LLaVA's output and are skipped.
+
+Protocols (``protocol``): ``hf`` applies the checkpoint's chat template and its image processor
+(which centre-crops a non-square image); ``llava`` is LLaVA-1.5's own evaluation
+(``image_aspect_ratio: pad``, ``conv_mode vicuna_v1``): each image is padded to a square with the
+image processor's mean colour (``int(255 * mean)`` per channel, the image centred) before the same
+processor resizes it, and the prompt is the ``vicuna_v1`` conversation, system prompt first:
+``"<system> USER: <image>\n<question> ASSISTANT:"``. The per-benchmark suffixes ("Answer the
+question using a single word or phrase.", ...) are part of the tasks' prompts under both.
+The text is tokenised by the checkpoint's tokenizer in one piece, where LLaVA's code tokenises the
+pieces around ``<image>`` separately.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
 from tokenbench.adapters.loading import load_checkpoint
@@ -22,12 +33,18 @@ from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
 from tokenbench.compressor import Architecture, ModelInfo, Site, Stage
 
+#: The system prompt of LLaVA-1.5's ``vicuna_v1`` conversation.
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
 
 class LlavaAdapter(StagedAdapter):
     name = "llava"
     model_types = ("llava",)
     stages = frozenset({Stage.VISION, Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM})
     description = "LLaVA-1.5: CLIP ViT-L/336 (24×24 patches), MLP projector, Llama decoder"
+    protocols = ("llava", "hf")
+    default_protocol = "llava"
 
     def __init__(self, model: torch.nn.Module, processor: object) -> None:
         super().__init__(model, processor)
@@ -67,10 +84,16 @@ class LlavaAdapter(StagedAdapter):
 
     def _encode(self, prompts: Sequence[Prompt]) -> Encoded:
         processor = self.processor
-        texts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.text}]}],
-            add_generation_prompt=True, tokenize=False) for p in prompts]
-        batch = processor(images=[p.image for p in prompts], text=texts, padding=True, return_tensors="pt")
+        if self.protocol == "llava":
+            fill = tuple(int(255 * m) for m in processor.image_processor.image_mean)
+            images = [pad_to_square(p.image, fill) for p in prompts]
+            texts = [vicuna_v1_prompt(p.text, processor.image_token) for p in prompts]
+        else:
+            images = [p.image for p in prompts]
+            texts = [processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.text}]}],
+                add_generation_prompt=True, tokenize=False) for p in prompts]
+        batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
         device = self.device
         return Encoded(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                        {"pixel_values": batch["pixel_values"].to(device, self.dtype)},
@@ -138,6 +161,22 @@ class LlavaAdapter(StagedAdapter):
         keys = attn.k_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
         probs = head_mean_probs(queries, keys, attn.scale, bias=None if bias is None else bias[:, 0])
         return probs[:, 0, 1:]
+
+
+def vicuna_v1_prompt(question: str, image_token: str = "<image>") -> str:
+    """LLaVA-1.5's ``vicuna_v1`` conversation for one image and one question, up to the answer."""
+    return f"{VICUNA_V1_SYSTEM} USER: {image_token}\n{question} ASSISTANT:"
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """LLaVA's ``expand2square``: the image centred on a square of colour ``fill`` (side = longer side)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
 
 
 def _clip_keys(block: torch.nn.Module, block_input: torch.Tensor) -> torch.Tensor:
