@@ -24,10 +24,18 @@ Deviations from the reference code (MaQianKun0/ApET @70cc01b), each a bug or qui
   are deterministic alternatives.
 - FPS distances: the reference computes them in the model dtype; fp16 squared distances overflow to
   inf on large hidden states and then look like "unvisited" points. Here they are fp32.
+- FPS precision: beyond overflow, low-precision distances change the picks themselves: on
+  576x1024 images the reference's fp16 FPS picks a different basis in about 33% of images, bf16 in
+  about 83%. fp32 here picks the same basis as the reference computed in fp32.
 - Hard-coded ``.half()`` (LLaVA) / ``.bfloat16()`` (Qwen) casts: here FPS, the ridge solve and the
   merge run in fp32 and the results are cast back to the input dtype. The LLaVA vision stage merges
-  in fp16 (cosine and sums in half precision); with an fp16 model our fp32 merge differs from it by
-  rounding only, which is why no option reproduces it.
+  in fp16 (cosine and sums in half precision). That is not rounding only: its fp16 cosine picks
+  a different merge target for about 0.3% of the dropped tokens, which moves about 1% of the kept
+  tokens by O(1) (a source lands in another target's mean). No option reproduces it; with the casts
+  taken out (fp32) the kept sets are the same and the values agree within 5e-7.
+- Merge weight: here every stage computes (s·x_t + Σx_u)/(s + c) for a target x_t with c sources
+  and ``merge_scaling`` s. The reference's vision and video stages compute (x_t + Σx_u)/(s + c), the
+  target itself unscaled, and only its LLM stage scales it; the two agree at the default s = 1.
 - Overflow: images with activations beyond 2^±40 are divided by a power of two first, which is
   exact in floating point (results are bit-identical wherever the unscaled computation is finite)
   and keeps huge activations (bf16 up to 3e38) from overflowing the fp32 Gram matrix and distances.
@@ -35,12 +43,19 @@ Deviations from the reference code (MaQianKun0/ApET @70cc01b), each a bug or qui
   but in descending-error order at the LLM stage. Here both stages use ascending positions;
   ``basis_slots="reference"`` restores the LLM-stage order (it changes results: basis tokens land
   at other positions).
-- Ties (identical tokens) are broken towards the lower index (stable sort, first argmax), and FPS
-  never picks a token twice; the reference's ``torch.topk`` order on ties is unspecified.
+- Ties are broken towards the lower index (stable sort, first argmax), and FPS never picks a token
+  twice; the reference's ``torch.topk`` order on ties is unspecified. Ties arise between identical
+  tokens and also between different tokens with equal scores (equal residual norms, equal cosine to
+  two targets, equal FPS distances), so where they occur the two may keep different tokens.
 - The LLaVA reference runs the projector on all 576 tokens and then selects; that is the adapter's
   concern (it projects only the kept tokens), with no effect on results.
 - Video reference (``basis_mode="append"``): it returns the merged tokens in descending-error order;
-  the contract keeps surviving tokens in spatial order, so that order is not reproduced.
+  the contract keeps surviving tokens in spatial order, so that order is not reproduced. The
+  Video-LLaVA reference also keeps each frame's CLS token, compressing 33 tokens per frame (CLS +
+  32 patches' worth); adapters here hand the method the patch tokens only.
+- LLaVA-NeXT reference: it budgets each 576-token crop (the base image and every high-resolution
+  crop) on its own at the vision stage, and at the LLM stage re-prunes only the first crop's tokens.
+  Here one plan covers the image's whole visual sequence at both stages, so the kept sets differ.
 
 Degenerate inputs: ``keep >= N`` is a no-op; ``keep <= basis`` shrinks the basis to ``keep - 1``
 so that at least one kept token receives merges (``keep == 1`` keeps the largest-norm token as the
