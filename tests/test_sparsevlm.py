@@ -57,9 +57,9 @@ def slow_density_peaks(points: list[list[float]], clusters: int) -> list[list[fl
     return [[sum(points[i][k] for i in group) / len(group) for k in range(d)] for group in members]
 
 
-def slow_sparsevlm(visual, text, attention, keep):
+def slow_sparsevlm(visual, rater_visual, text, attention, keep):
     """One SparseVLM v1.5 site on one sample: (kept indices, recycled cluster tokens)."""
-    raters = slow_raters(visual, text)
+    raters = slow_raters(rater_visual, text)
     n = len(visual)
     score = [sum(attention[r][j] for r in raters) / len(raters) for j in range(n)]
     ranked = sorted(range(n), key=lambda j: -score[j])
@@ -69,24 +69,30 @@ def slow_sparsevlm(visual, text, attention, keep):
     return sorted(kept), slow_density_peaks([visual[j] for j in recycled], clusters)
 
 
-def llm_input(visual, text, attention, keep) -> SiteInput:
+def llm_input(visual, text, attention, keep, input_visual=None) -> SiteInput:
+    """A site whose layer-0 states (``input_states``) are ``input_visual`` (default: ``visual``) and
+    ``text``, and whose site-layer text is ``text`` too."""
     b, n, _ = visual.shape
     return SiteInput(visual=visual, origin=torch.arange(n).expand(b, n), grid=(1, n), keep=keep,
                      site=Site(Stage.LLM, 3), attention=attention, text=text,
+                     input_visual=visual if input_visual is None else input_visual, input_text=text,
                      sizes=torch.ones(b, n))
 
 
+@pytest.mark.parametrize("raters", ["input", "site"])
 @pytest.mark.parametrize("n, keep", [(60, 20), (45, 30), (33, 5)])
-def test_site_matches_a_plain_loop_reimplementation(n, keep):
+def test_site_matches_a_plain_loop_reimplementation(n, keep, raters):
     gen = torch.Generator().manual_seed(n)
     visual = torch.randn(2, n, 6, generator=gen, dtype=torch.float64)
+    layer0 = torch.randn(2, n + 7, 6, generator=gen, dtype=torch.float64)  # every token entering the LLM
     text = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64)
     attention = torch.rand(2, 9, n, generator=gen, dtype=torch.float64)
-    site = llm_input(visual, text, attention, keep)
-    reduction = SparseVLM().reduce(site)
+    site = llm_input(visual, text, attention, keep, input_visual=layer0)
+    reduction = SparseVLM(raters=raters).reduce(site)
     reduction.check(site)
+    rater_visual = layer0 if raters == "input" else visual
     for i in range(2):
-        kept, recycled = slow_sparsevlm(visual[i].tolist(), text[i].tolist(),
+        kept, recycled = slow_sparsevlm(visual[i].tolist(), rater_visual[i].tolist(), text[i].tolist(),
                                         attention[i].tolist(), keep)
         assert reduction.keep[i].tolist() == kept
         assert torch.allclose(reduction.extra[i], torch.tensor(recycled, dtype=torch.float64))
@@ -161,7 +167,8 @@ def test_v1_keeps_rank_times_lambda_plus_b():
 def test_flash_attention_class_and_positions():
     method = SparseVLM()
     assert method.flash_attention == "probe" and method.attention_queries == "text"
-    assert method.needs == frozenset({"attention", "text"}) and method.positions == "contiguous"
+    assert method.needs == frozenset({"attention", "input_states"}) and method.positions == "contiguous"
+    assert SparseVLM(raters="site").needs == frozenset({"attention", "text"})
 
 
 # --- through the adapters, on tiny models -------------------------------------------------------
