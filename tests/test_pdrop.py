@@ -211,3 +211,5 @@ def test_end_to_end_under_the_flash_backend_within_two_percent(family):
             target = Budget.parse(text).target(trace.n_visual)
             assert abs(trace.realised_tokens - target) <= 0.02 * target
             assert trace.eager_attention_calls == 0 and trace.probe_rows == len(trace.plan)
+            # "next": each stage projects the keys of the sequence entering it (counted as probe cost)
+            assert trace.probe_key_tokens == sum(trace.llm_total[layer - 1] for _, layer, _ in trace.plan)

@@ -289,6 +289,8 @@ class StagedPrefill:
             signals["keys"] = head_mean_keys(attn.k_proj, _rows(normed, seq.visual_index()), attn.head_dim)
         if keys is None:
             keys = _rotated_keys(attn, normed, probe_cos_sin, self.decoder.rotary)
+            for trace, tokens in zip(self.traces, seq.valid.sum(dim=1).tolist()):
+                trace.probe_key_tokens += int(tokens)
         if "attention" in needs:
             signals["attention"] = self._attention(seq, attn, normed, probe_cos_sin, keys)
         if "key_l1" in needs:  # [B, S], every token: the caller splits visual and text rows
