@@ -39,14 +39,17 @@ papers' configuration, whose realised layer average is *above* the nominal budge
 (published presets: "192" → 13.5, 0; "128" → 9, 6; "64" → 0.8, 0); a stateless compressor cannot
 pick them from the budget at reduce time. Read the realised count from the token trace.
 
+Raters (option ``raters``): the reference computes them once, before layer 0, from the LLM input
+embeddings of all visual tokens and of the text after the image. ``raters="input"`` (default)
+reproduces that: every site receives those layer-0 states (signal ``input_states``) and rates with
+them, so each site gets the reference's one rater set whatever was pruned or recycled before.
+``raters="site"`` recomputes the raters at each site from the hidden states entering it: the
+surviving (and recycled) visual tokens and the text after the image (signal ``text``), both from the
+same layer: a different rule, which on the tiny LLaVA at the published "192" schedule keeps other
+tokens than the reference for every one of 12 images, where the default matches all 12.
+
 Deviations from the reference code:
 
-- H_v for the raters: the reference uses the layer-0 visual embeddings, computed once. A compressor
-  only sees the site's current hidden states and must stay stateless across calls, so the raters
-  are recomputed at every site from the surviving visual tokens' current hidden states and
-  ``SiteInput.text`` (the contract names the text's input embeddings; the staged-prefill adapters
-  hand over the text's hidden states at the site, so both sides then come from the same layer).
-  Raters can therefore differ between sites, and recycled tokens take part from the next site on.
 - Density ties in the clustering are broken by candidate order (higher score first) instead of
   adding random noise (1e-6), so the method is deterministic; the k nearest neighbours of the
   density include the token itself, as in the reference's kNN.
@@ -58,7 +61,7 @@ Deviations from the reference code:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -197,11 +200,16 @@ def density_peak_clusters(features: torch.Tensor, clusters: int) -> torch.Tensor
     return (sums / counts[..., None]).to(features.dtype)
 
 
-def text_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, T]: text tokens whose mean visual→text softmax relevance is above the mean."""
-    relevance = torch.softmax(visual.float() @ text.float().transpose(1, 2), dim=-1).mean(dim=1)
-    raters = relevance > relevance.mean(dim=-1, keepdim=True)
-    return torch.where(raters.any(dim=-1, keepdim=True), raters, torch.ones_like(raters))
+def text_raters(visual: torch.Tensor, text: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [B, T]: text tokens whose mean visual→text softmax relevance is above the mean
+    (over each row's real text tokens, ``valid`` [B, T], when rows differ in length)."""
+    logits = visual.float() @ text.float().transpose(1, 2)
+    if valid is None:
+        valid = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+    relevance = torch.softmax(logits.masked_fill(~valid[:, None], float("-inf")), dim=-1).mean(dim=1)
+    mean = relevance.sum(dim=-1, keepdim=True) / valid.sum(dim=-1, keepdim=True)
+    raters = (relevance > mean) & valid
+    return torch.where(raters.any(dim=-1, keepdim=True), raters, valid)
 
 
 class SparseVLM(TokenCompressor):
@@ -209,7 +217,7 @@ class SparseVLM(TokenCompressor):
 
     name = "sparsevlm"
     stages = (Stage.LLM,)
-    needs = frozenset({"attention", "text"})
+    needs = frozenset({"attention", "input_states"})
     attention_queries = "text"
     positions = "contiguous"
     paper = "SparseVLM: Visual Token Sparsification for Efficient VLM Inference (ICML 2025)"
@@ -222,6 +230,13 @@ class SparseVLM(TokenCompressor):
         recycle: bool = True
         rank_lambda: float | None = Field(None, description="v1 only: λ (presets 192: 13.5, 128: 9, 64: 0.8)")
         rank_bias: float | None = Field(None, description="v1 only: b (presets 192: 0, 128: 6, 64: 0)")
+        raters: Literal["input", "site"] = Field(
+            "input", description="text raters from the LLM input embeddings (reference) or per site")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options.raters == "site":
+            self.needs = frozenset({"attention", "text"})
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
         if Stage.LLM not in info.stages:
@@ -256,14 +271,18 @@ class SparseVLM(TokenCompressor):
         return list(zip(sites, keeps))
 
     def reduce(self, x: SiteInput) -> Reduction:
-        if x.attention is None or x.text is None:
-            raise ValueError("SparseVLM needs the attention and text signals; the adapter did not "
-                             "provide them")
+        if self.options.raters == "input":
+            rated, text = x.input_visual, x.input_text
+        else:
+            rated, text = x.visual, x.text
+        if x.attention is None or rated is None or text is None:
+            raise ValueError(f"SparseVLM needs the {' and '.join(sorted(self.needs))} signals; the adapter "
+                             "did not provide them")
         b, n, _ = x.visual.shape
-        if x.text.shape[1] == 0:
+        if text.shape[1] == 0:
             raise ValueError("SparseVLM rates visual tokens by the text after the image; the prompt "
                              "has none, so put the question after the image")
-        raters = text_raters(x.visual, x.text).float()  # [B, T], 1 for raters
+        raters = text_raters(rated, text, x.text_valid).float()  # [B, T], 1 for raters
         rater_attention = x.attention.float() * raters[..., None]  # P, other rows zeroed
         scores = rater_attention.sum(dim=1) / raters.sum(dim=1, keepdim=True)  # [B, N]
         keep = min(x.keep, n)

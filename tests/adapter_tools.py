@@ -70,11 +70,12 @@ class Scripted(TokenCompressor):
 
     def __init__(self, site: Site, stride: int = 1, *, needs: frozenset[str] = frozenset(),
                  queries: str = "last", positions: str = "original", merge: bool = False, extra: int = 0,
-                 proportional: bool = False) -> None:
+                 proportional: bool = False, source: str = "previous") -> None:
         super().__init__()
         self.site, self.stride, self.merge, self.extra = site, stride, merge, extra
         self.needs = needs
         self.attention_queries = queries
+        self.attention_source = source
         self.positions = positions
         self.proportional_attention = proportional
         self.seen: list[Seen] = []

@@ -15,11 +15,11 @@ from tokenbench import Site, Stage
 from tokenbench.plugins import load_registry
 
 STEPS = 4
-SIGNALS = {  # signals each stage offers (text needs batch 1; added below where allowed)
+SIGNALS = {  # signals each stage offers (pre-LLM text needs batch 1; added below where allowed)
     Stage.VISION: frozenset({"keys"}),
     Stage.VISION_OUT: frozenset({"keys", "cls_attention"}),
     Stage.PROJECTOR: frozenset(),
-    Stage.LLM: frozenset({"attention", "keys"}),
+    Stage.LLM: frozenset({"attention", "keys", "text", "key_l1", "final_norm", "input_states"}),
 }
 CASES = [("llava", None), ("llava", Site(Stage.VISION, 1)), ("llava", Site(Stage.VISION_OUT)),
          ("llava", Site(Stage.PROJECTOR)), ("llava", Site(Stage.LLM, 2)),

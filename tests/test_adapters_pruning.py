@@ -139,9 +139,69 @@ def test_llm_signals_match_the_stock_eager_attention(request, family, queries, b
         assert trace.probe_rows == 0 and trace.eager_attention_calls > len(a._decoder().layers)
     else:
         assert trace.probe_rows == rows.shape[1]
-    if batch == 1:
-        embeds = a._decoder().embed(enc.input_ids[:, int(start[0]) + n:])
-        torch.testing.assert_close(x.text, embeds)
+    if batch == 1:  # the text entering layer 2: layer 1's output
+        hidden = _stock_hidden_states(a, enc)[0][2]
+        torch.testing.assert_close(x.text, hidden[:, int(start[0]) + n:], rtol=1e-4, atol=1e-5)
+
+
+def _stock_hidden_states(a, enc):
+    kwargs = dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, **enc.image_inputs)
+    if enc.positions is not None:
+        kwargs["mm_token_type_ids"] = (enc.input_ids == enc.image_token_id).int()
+    else:  # left padding: positions count the valid tokens, as generate() and the adapter do
+        kwargs["position_ids"] = contiguous_positions(enc.attention_mask.bool())
+    with torch.no_grad():
+        out = a.model(**kwargs, output_hidden_states=True, output_attentions=True, use_cache=True)
+    return out.hidden_states, out.attentions, out.past_key_values
+
+
+@pytest.mark.parametrize("family,source", [("llava", "previous"), ("llava", "next"), ("qwen2_vl", "previous"),
+                                           ("qwen2_vl", "next")])
+def test_llm_state_signals_carry_the_states_of_the_right_layer(request, family, source):
+    """At a site before layer 3, on a left-padded batch of two text lengths: ``text`` holds layer 2's
+    output at the text rows, ``final_norm`` those rows and the visual ones through the final norm,
+    ``input_states`` the decoder's input embeddings, ``key_l1`` the L1 norm of the cached keys of
+    layer 2 (``previous``) or 3 (``next``), and ``attention`` that same layer's row; text rows are
+    right-aligned with ``text_valid`` marking each row's own text."""
+    site_layer = 3
+    a = adapter(family, model_dir(request, family), "eager")
+    batch_prompts = prompts(family, 2)
+    needs = frozenset({"attention", "text", "key_l1", "final_norm", "input_states"})
+    compressor = Scripted(Site(Stage.LLM, site_layer), needs=needs, source=source)
+    a.run(batch_prompts, compressor=compressor, budget=ALL, max_new_tokens=1)
+    x = compressor.seen[0].x
+    enc = a._encode(batch_prompts)
+    hidden, attentions, cache = _stock_hidden_states(a, enc)
+    n, s = enc.n_visual, enc.input_ids.shape[1]
+    start = (enc.input_ids == enc.image_token_id).int().argmax(dim=1)
+    visual = start[:, None] + torch.arange(n)
+    text_length = s - int((start + n).min())
+    text = torch.arange(s - text_length, s).expand(2, -1)
+    valid = text >= (start + n)[:, None]
+    assert torch.equal(x.text_valid, valid) and not bool(valid.all())
+
+    def rows(tensor, index):
+        return tensor.gather(1, index.reshape(*index.shape, *[1] * (tensor.dim() - 2)).expand(
+            *index.shape, *tensor.shape[2:]))
+
+    def close(signal, reference, mask=None):
+        if mask is not None:
+            signal, reference = signal[mask], reference[mask]
+        torch.testing.assert_close(signal, reference, rtol=1e-4, atol=1e-5)
+
+    entering = hidden[site_layer]  # the output of layer site_layer - 1
+    norm = a._decoder().norm
+    close(x.text, rows(entering, text), valid)
+    close(x.normed_text, norm(rows(entering, text)), valid)
+    close(x.normed_visual, norm(rows(entering, visual)))
+    close(x.input_text, rows(hidden[0], text), valid)
+    close(x.input_visual, rows(hidden[0], visual))
+    source_layer = site_layer - 1 if source == "previous" else site_layer
+    l1 = cache.layers[source_layer].keys.abs().sum(dim=(1, 3))  # post-RoPE, heads concatenated
+    close(x.key_l1, rows(l1, visual))
+    close(x.text_key_l1, rows(l1, text), valid)
+    row = attentions[source_layer].mean(dim=1)[:, -1]
+    close(x.attention[:, 0], rows(row, visual))
 
 
 def test_cls_attention_matches_the_stock_vision_tower(request):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -57,9 +58,9 @@ def slow_density_peaks(points: list[list[float]], clusters: int) -> list[list[fl
     return [[sum(points[i][k] for i in group) / len(group) for k in range(d)] for group in members]
 
 
-def slow_sparsevlm(visual, text, attention, keep):
+def slow_sparsevlm(visual, rater_visual, text, attention, keep):
     """One SparseVLM v1.5 site on one sample: (kept indices, recycled cluster tokens)."""
-    raters = slow_raters(visual, text)
+    raters = slow_raters(rater_visual, text)
     n = len(visual)
     score = [sum(attention[r][j] for r in raters) / len(raters) for j in range(n)]
     ranked = sorted(range(n), key=lambda j: -score[j])
@@ -69,24 +70,30 @@ def slow_sparsevlm(visual, text, attention, keep):
     return sorted(kept), slow_density_peaks([visual[j] for j in recycled], clusters)
 
 
-def llm_input(visual, text, attention, keep) -> SiteInput:
+def llm_input(visual, text, attention, keep, input_visual=None) -> SiteInput:
+    """A site whose layer-0 states (``input_states``) are ``input_visual`` (default: ``visual``) and
+    ``text``, and whose site-layer text is ``text`` too."""
     b, n, _ = visual.shape
     return SiteInput(visual=visual, origin=torch.arange(n).expand(b, n), grid=(1, n), keep=keep,
                      site=Site(Stage.LLM, 3), attention=attention, text=text,
+                     input_visual=visual if input_visual is None else input_visual, input_text=text,
                      sizes=torch.ones(b, n))
 
 
+@pytest.mark.parametrize("raters", ["input", "site"])
 @pytest.mark.parametrize("n, keep", [(60, 20), (45, 30), (33, 5)])
-def test_site_matches_a_plain_loop_reimplementation(n, keep):
+def test_site_matches_a_plain_loop_reimplementation(n, keep, raters):
     gen = torch.Generator().manual_seed(n)
     visual = torch.randn(2, n, 6, generator=gen, dtype=torch.float64)
+    layer0 = torch.randn(2, n + 7, 6, generator=gen, dtype=torch.float64)  # every token entering the LLM
     text = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64)
     attention = torch.rand(2, 9, n, generator=gen, dtype=torch.float64)
-    site = llm_input(visual, text, attention, keep)
-    reduction = SparseVLM().reduce(site)
+    site = llm_input(visual, text, attention, keep, input_visual=layer0)
+    reduction = SparseVLM(raters=raters).reduce(site)
     reduction.check(site)
+    rater_visual = layer0 if raters == "input" else visual
     for i in range(2):
-        kept, recycled = slow_sparsevlm(visual[i].tolist(), text[i].tolist(),
+        kept, recycled = slow_sparsevlm(visual[i].tolist(), rater_visual[i].tolist(), text[i].tolist(),
                                         attention[i].tolist(), keep)
         assert reduction.keep[i].tolist() == kept
         assert torch.allclose(reduction.extra[i], torch.tensor(recycled, dtype=torch.float64))
@@ -161,7 +168,8 @@ def test_v1_keeps_rank_times_lambda_plus_b():
 def test_flash_attention_class_and_positions():
     method = SparseVLM()
     assert method.flash_attention == "probe" and method.attention_queries == "text"
-    assert method.needs == frozenset({"attention", "text"}) and method.positions == "contiguous"
+    assert method.needs == frozenset({"attention", "input_states"}) and method.positions == "contiguous"
+    assert SparseVLM(raters="site").needs == frozenset({"attention", "text"})
 
 
 # --- through the adapters, on tiny models -------------------------------------------------------
@@ -218,3 +226,79 @@ def test_prompt_without_text_after_the_image_is_a_clear_error():
     site = llm_input(torch.randn(1, 20, 6), torch.randn(1, 0, 6), torch.rand(1, 0, 20), 10)
     with pytest.raises(ValueError, match="after the image"):
         SparseVLM().reduce(site)
+
+
+# --- the reference's raters on the tiny LLaVA -------------------------------------------------
+
+class RecordingSparseVLM(SparseVLM):
+    """Remembers the original indices alive after each site (-1: a recycled token) (test only)."""
+
+    kept: ClassVar[list[list[int]]] = []
+
+    def reduce(self, x):
+        result = super().reduce(x)
+        appended = result.extra.shape[1] if result.extra is not None else 0
+        RecordingSparseVLM.kept.append(x.origin[0, result.keep[0]].tolist() + [-1] * appended)
+        return result
+
+
+def sparsevlm_in_place(adapter, prompt, plan):
+    """The reference rule as a straightforward loop: raters once, from the layer-0 states of all
+    visual tokens and the text after the image; at each site the rater rows of the previous layer's
+    attention score the visual tokens; top tokens kept, the best deleted ones recycled into cluster
+    means appended after them; positions renumbered."""
+    from inplace_loop import attention_rows, prefill_in_place
+
+    sites = {site.layer: keep for site, keep in plan}
+    lm = adapter.model.model.language_model
+    raters: list[int] = []
+
+    def prune(index, state, before):
+        if index == 0:
+            visual = state.inputs[0, state.start0:state.start0 + state.n0].tolist()
+            text = state.inputs[0, state.start0 + state.n0:].tolist()
+            raters.extend(slow_raters(visual, text))
+        if index not in sites:
+            return None
+        rows = [state.text_rows[r] for r in raters]
+        attention = attention_rows(lm.layers[index - 1], before.hidden, before.positions, rows, lm.rotary_emb)
+        visual_columns = attention[:, state.start:state.start + state.n].tolist()
+        score = [sum(row[j] for row in visual_columns) / len(rows) for j in range(state.n)]
+        ranked = sorted(range(state.n), key=lambda j: -score[j])
+        kept, deleted = ranked[:sites[index]], ranked[sites[index]:]
+        recycled = deleted[:math.floor(0.3 * len(deleted)) + 1]
+        features = state.hidden[0, state.start:state.start + state.n]
+        clusters = slow_density_peaks([features[j].tolist() for j in recycled], len(recycled) // 10 + 1)
+        return state.keep_visual(sorted(kept), torch.tensor(clusters), contiguous=True)
+
+    return prefill_in_place(adapter, prompt, prune)
+
+
+def test_default_raters_follow_the_reference_rule_on_the_tiny_llava():
+    """Published "192" schedule (300/200/110 after layers 2/6/15): the adapter keeps the same tokens
+    as the reference rule for 12 of 12 images; per-site raters are a different rule."""
+    from adapter_tools import image
+    from tiny_vlm import llava_adapter
+
+    from tokenbench import Budget
+    from tokenbench.adapters.base import Prompt
+
+    adapter = llava_adapter()
+    plan = SparseVLM(schedule="reference").schedule(576, 192, adapter.info())
+    assert [keep for _, keep in plan] == [300, 200, 110]
+    same, site_rule_differs = 0, 0
+    for seed in range(12):
+        prompt = Prompt(image(seed, 336), "what color is the circle left of the square ?")
+        kept = {}
+        for raters in ("input", "site"):
+            RecordingSparseVLM.kept = []
+            run = adapter.run([prompt], compressor=RecordingSparseVLM(schedule="reference", raters=raters),
+                              budget=Budget.parse("192"), max_new_tokens=1)
+            kept[raters] = (list(RecordingSparseVLM.kept), run.logits[0, 0])
+        logits, states = sparsevlm_in_place(adapter, prompt, plan)
+        reference = [states[site.layer].origin for site, _ in plan]
+        same += kept["input"][0] == reference
+        site_rule_differs += kept["site"][0] != reference
+        torch.testing.assert_close(kept["input"][1], logits, rtol=1e-4, atol=1e-4)
+    assert same == 12
+    assert site_rule_differs > 0

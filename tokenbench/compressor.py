@@ -17,7 +17,15 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 SIGNALS = frozenset({"attention", "keys", "text", "cls_attention"})
+# Signals of the LLM's hidden states and KV cache at ``llm`` sites (spec wave 2, E4/E5): see SiteInput.
+LLM_STATE_SIGNALS = frozenset({"key_l1", "final_norm", "input_states"})
+SIGNALS = SIGNALS | LLM_STATE_SIGNALS
+# The SiteInput fields a need fills, where they differ from the need's own name.
+SIGNAL_FIELDS: dict[str, tuple[str, ...]] = {"key_l1": ("key_l1", "text_key_l1"),
+                                             "final_norm": ("normed_visual", "normed_text"),
+                                             "input_states": ("input_visual", "input_text")}
 AttentionQueries = Literal["last", "text", "all"]
+AttentionSource = Literal["previous", "next"]
 PositionPolicy = Literal["original", "contiguous"]
 FlashAttentionClass = Literal["native", "probe", "eager"]
 
@@ -109,6 +117,22 @@ class SiteInput:
       at pre-LLM stages, their hidden states entering the site's layer at ``llm`` sites.
     - ``cls_attention`` [B, N]: head-mean attention of the vision encoder's CLS query at the selected layer.
     - ``generator``: seeded by the harness; use it for any randomness.
+
+    Signals at ``llm`` sites only, each requested through ``needs`` (the layer they come from is the
+    one ``TokenCompressor.attention_source`` names, like ``attention`` and ``keys``):
+
+    - ``key_l1`` [B, N] and ``text_key_l1`` [B, T] (need ``key_l1``): L1 norms of the attention keys
+      of the visual tokens and of the text after the image, heads concatenated, after the rotary
+      embedding, as the layer's KV cache holds them (DART's pivots).
+    - ``normed_visual`` [B, N, D] and ``normed_text`` [B, T, D] (need ``final_norm``): the hidden states
+      entering the site (``visual`` and the text rows of ``text``) passed through the model's **final**
+      norm, the one before the LM head (DART's similarity space).
+    - ``input_visual`` [B, N0, D] and ``input_text`` [B, T, D] (need ``input_states``): the LLM's input
+      embeddings (layer-0 states) of every visual token that entered the decoder, before any ``llm``
+      site reduced them, and of the text after the image (SparseVLM's reference raters).
+    - ``text_valid`` [B, T] bool: set when the rows of a batch have text of different lengths. Text
+      rows are right-aligned (the text ends every prompt), so a shorter row's first entries are not
+      its text and are False here. ``None`` means every entry is real (always so at batch 1).
     """
 
     visual: torch.Tensor
@@ -122,6 +146,13 @@ class SiteInput:
     keys: torch.Tensor | None = None
     text: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
+    key_l1: torch.Tensor | None = None
+    text_key_l1: torch.Tensor | None = None
+    normed_visual: torch.Tensor | None = None
+    normed_text: torch.Tensor | None = None
+    input_visual: torch.Tensor | None = None
+    input_text: torch.Tensor | None = None
+    text_valid: torch.Tensor | None = None
 
 
 @dataclass
@@ -171,7 +202,10 @@ class TokenCompressor:
     ``last`` prompt token, all ``text`` tokens after the image, or ``all`` tokens, which needs the
     full attention map), ``positions`` (whether surviving LLM tokens keep their ``original``
     position ids or are renumbered ``contiguous``), ``stochastic`` (``reduce`` uses the generator),
-    ``paper``, ``source``. Options are the nested
+    ``paper``, ``source``, ``attention_source`` (at an ``llm`` site before layer ``l``: ``previous``
+    reads ``attention``, ``keys`` and ``key_l1`` from layer ``l-1``, FastV's convention; ``next``
+    recomputes them with layer ``l``'s own input norm and projections on the hidden states entering
+    it, before it runs, PyramidDrop's convention). Options are the nested
     pydantic model ``Options``; unknown keys are rejected. An instance may refine ``needs`` or
     ``attention_queries`` from its options in ``__init__``.
     """
@@ -180,6 +214,7 @@ class TokenCompressor:
     stages: ClassVar[tuple[Stage, ...]] = ()
     needs: frozenset[str] = frozenset()
     attention_queries: AttentionQueries = "last"
+    attention_source: AttentionSource = "previous"
     positions: PositionPolicy = "original"
     proportional_attention: bool = False  # ToMe: bias vision attention by log(size)
     # Whether reduce draws from SiteInput.generator. Adapters then run the method one sample at a

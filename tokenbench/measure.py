@@ -110,9 +110,10 @@ def llm_decode_macs(arch: Architecture, trace: TokenTrace) -> int:
 
 def probe_macs(arch: Architecture, trace: TokenTrace) -> int:
     """Attention-probe rows computed beside the fused kernel: ``QKᵀ`` for those rows over the
-    prompt (an upper bound: each row is charged the full prompt length)."""
+    prompt (an upper bound: each row is charged the full prompt length), plus the key projection of
+    the tokens whose keys the probe computed itself rather than read from the cache."""
     context = max(trace.llm_total, default=0)
-    return trace.probe_rows * context * arch.llm_hidden
+    return trace.probe_rows * context * arch.llm_hidden + trace.probe_key_tokens * arch.llm_hidden * _kv_width(arch)
 
 
 def full_flops(arch: Architecture, trace: TokenTrace) -> dict[str, Any]:

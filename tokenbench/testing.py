@@ -83,9 +83,32 @@ def synthetic_input(compressor: TokenCompressor, site: Site, keep: int, n: int, 
         signals["text"] = torch.randn(batch, 6, width, generator=gen).to(dtype)
     if "cls_attention" in compressor.needs:
         signals["cls_attention"] = torch.rand(batch, n, generator=gen).softmax(-1).to(dtype)
+    signals.update(_llm_state_signals(compressor, batch, n, width, gen, dtype))
     return SiteInput(visual=visual, origin=origin, grid=grid, keep=keep, site=site,
                      generator=torch.Generator().manual_seed(seed + 1),
                      sizes=torch.ones(batch, n, dtype=dtype), **signals)
+
+
+def _llm_state_signals(compressor: TokenCompressor, batch: int, n: int, width: int, gen: torch.Generator,
+                       dtype: torch.dtype) -> dict[str, Any]:
+    """Random ``key_l1``, ``final_norm`` and ``input_states`` signals (6 text tokens; at batch > 1 the
+    first row's text is two tokens shorter, as left padding makes it, and ``text_valid`` says so)."""
+    text = 6
+    signals: dict[str, Any] = {}
+    if "key_l1" in compressor.needs:
+        signals["key_l1"] = torch.rand(batch, n, generator=gen).to(dtype) * width
+        signals["text_key_l1"] = torch.rand(batch, text, generator=gen).to(dtype) * width
+    if "final_norm" in compressor.needs:
+        signals["normed_visual"] = torch.randn(batch, n, width, generator=gen).to(dtype)
+        signals["normed_text"] = torch.randn(batch, text, width, generator=gen).to(dtype)
+    if "input_states" in compressor.needs:
+        signals["input_visual"] = torch.randn(batch, n + 4, width, generator=gen).to(dtype)
+        signals["input_text"] = torch.randn(batch, text, width, generator=gen).to(dtype)
+    if signals and batch > 1:
+        valid = torch.ones(batch, text, dtype=torch.bool)
+        valid[0, :2] = False
+        signals["text_valid"] = valid
+    return signals
 
 
 def check_reduction(compressor: TokenCompressor, x: SiteInput) -> Reduction:

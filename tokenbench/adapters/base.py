@@ -38,6 +38,8 @@ class TokenTrace:
     - ``plan``: the compressor's schedule, as ``[(stage, layer, keep), ...]``.
     - ``probe_rows``: attention query rows computed beside the fused kernel (probe cost).
     - ``eager_attention_calls``: attention calls that materialised a full map (0 for native/probe).
+    - ``probe_key_tokens``: tokens whose keys a probe projected itself (``attention_source="next"``,
+      or a site before layer 0) instead of reading them from the KV cache.
     - ``prompt_tokens`` / ``generated_tokens``: text lengths for FLOPs and decode accounting.
     """
 
@@ -48,6 +50,7 @@ class TokenTrace:
     plan: list[tuple[str, int, int]] = field(default_factory=list)
     probe_rows: int = 0
     eager_attention_calls: int = 0
+    probe_key_tokens: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
 

@@ -15,11 +15,18 @@ span they replace, so the text after the image keeps its own positions. A decode
 the uncompressed next position (Qwen2-VL's ``rope_deltas`` arithmetic), with ``contiguous`` the
 layer's own cache length (FastV's shifted decode positions).
 
-Signals at a site before layer ``l``: ``attention`` rows come from layer ``l-1`` (its keys are read
-from its KV-cache entry, its queries recomputed for the selected rows only, see ``probe.py``);
-``keys`` are layer ``l-1``'s head-mean keys before the rotary embedding (rotation would make
-similarity depend on position); a site before layer 0 reads layer 0's projections of its input.
-``text`` is the input embedding of the text after the image.
+Signals at a site before layer ``l``, with the default ``attention_source="previous"``:
+``attention`` rows come from layer ``l-1`` (its keys are read from its KV-cache entry, its queries
+recomputed for the selected rows only, see ``probe.py``); ``keys`` are layer ``l-1``'s head-mean
+keys before the rotary embedding (rotation would make similarity depend on position); ``key_l1``
+are the L1 norms of layer ``l-1``'s cached keys (after the rotary embedding, heads concatenated).
+With ``attention_source="next"``, and for a site before layer 0, the same signals come from layer
+``l``'s own input norm and projections of the hidden states entering it (its keys recomputed over
+the whole sequence, as PyramidDrop scores). ``text`` holds the hidden states of the text after the
+image entering layer ``l`` (the output of layer ``l-1``; the input embeddings at ``l = 0``);
+``final_norm`` hands those rows and the visual ones through the model's final norm;
+``input_states`` hands the decoder's input embeddings of the text and of every visual token that
+entered the decoder. At batch > 1 the text rows are right-aligned with a ``text_valid`` mask.
 
 Masks: with SDPA and no padding no mask is built at all (``is_causal``), so the fused kernels
 (flash included) stay eligible; otherwise a boolean ``[B, 1, Q, K]`` mask for SDPA, an additive
@@ -77,6 +84,16 @@ class TokenSequence:
     def visual_index(self) -> torch.Tensor:
         """``[B, N]`` sequence index of each visual token."""
         return self.visual_start[:, None] + torch.arange(self.n_visual, device=self.hidden.device)
+
+    def text_index(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[B, T]`` sequence index of the text after the image, right-aligned over the batch (the
+        text ends every row), and ``[B, T]`` which entries are each row's text (``None``: all are)."""
+        s = self.hidden.shape[1]
+        text_start = self.visual_start + self.n_visual
+        length = s - int(text_start.min())
+        index = torch.arange(s - length, s, device=self.hidden.device).expand(self.hidden.shape[0], -1)
+        valid = index >= text_start[:, None]
+        return index, None if bool(valid.all()) else valid
 
     def text_after_image(self) -> torch.Tensor:
         """Input embeddings of the text that follows the image (one row; see ``batchable``)."""
@@ -179,7 +196,8 @@ class StagedPrefill:
         self.traces = traces
         self.policy = position_policy
         needs = compressor.needs if compressor is not None else frozenset()
-        self.wants_probe = bool({"attention", "keys"} & set(needs))
+        self.wants_probe = bool({"attention", "keys"} & set(needs)) and compressor.attention_source == "previous"
+        self.input_visual: torch.Tensor | None = None  # the visual tokens entering layer 0
 
     def run(self, seq: TokenSequence) -> PrefillResult:
         from transformers import DynamicCache
@@ -194,9 +212,10 @@ class StagedPrefill:
         cos_sin = dec.rotary_emb(seq.hidden, seq.positions)
         mask = prefill_mask(dec.attn_impl, seq.valid, seq.hidden.dtype)
         previous: tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.input_visual = _rows(seq.hidden, seq.visual_index())
         for index, layer in enumerate(dec.layers):
             if index in self.sites:
-                seq = self._reduce(seq, index, self.sites[index], previous, cache)
+                seq = self._reduce(seq, index, self.sites[index], previous, cache, cos_sin)
                 cos_sin = dec.rotary_emb(seq.hidden, seq.positions)
                 mask = prefill_mask(dec.attn_impl, seq.valid, seq.hidden.dtype)
             self._record(seq)
@@ -220,34 +239,63 @@ class StagedPrefill:
 
     def _reduce(self, seq: TokenSequence, index: int, keep: int,
                 previous: tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None,
-                cache: object) -> TokenSequence:
+                cache: object, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> TokenSequence:
         assert self.compressor is not None
-        needs = self.compressor.needs
+        needs = set(self.compressor.needs)
         signals: dict[str, torch.Tensor | None] = {}
-        if {"attention", "keys"} & set(needs):
-            if previous is None:  # a site before layer 0 reads layer 0's projections of its input
-                probe_layer, hidden_in, cos_sin = 0, seq.hidden, self.decoder.rotary_emb(seq.hidden,
-                                                                                           seq.positions)
-                keys = None
-            else:
-                probe_layer, hidden_in, cos_sin = previous
-                keys = cache.layers[probe_layer].keys
-            layer = self.decoder.layers[probe_layer]
-            normed = layer.input_layernorm(hidden_in)
-            attn = layer.self_attn
-            if "keys" in needs:
-                visual_rows = _rows(normed, seq.visual_index())
-                signals["keys"] = head_mean_keys(attn.k_proj, visual_rows, attn.head_dim)
-            if "attention" in needs:
-                if keys is None:
-                    keys = _rotated_keys(attn, normed, cos_sin, self.decoder.rotary)
-                signals["attention"] = self._attention(seq, attn, normed, cos_sin, keys)
-        if "text" in needs:
-            signals["text"] = seq.text_after_image()
+        if {"attention", "keys", "key_l1"} & needs:
+            signals.update(self._layer_signals(seq, index, previous, cache, cos_sin))
+        visual_rows = seq.visual_index()
+        if {"text", "final_norm", "input_states", "key_l1"} & needs:
+            text_index, signals["text_valid"] = seq.text_index()
+            if "key_l1" in needs:  # one norm per sequence token, split into visual and text rows
+                every_token = signals.pop("key_l1")
+                signals["key_l1"] = every_token.gather(1, visual_rows)
+                signals["text_key_l1"] = every_token.gather(1, text_index)
+            text = _rows(seq.hidden, text_index)
+            if "text" in needs:
+                signals["text"] = text
+            if "final_norm" in needs:
+                signals["normed_visual"] = self.decoder.norm(_rows(seq.hidden, visual_rows))
+                signals["normed_text"] = self.decoder.norm(text)
+            if "input_states" in needs:
+                if seq.text_embeds is None:
+                    raise AdapterError("input_states needs the decoder's input embeddings of the text")
+                signals["input_visual"] = self.input_visual
+                signals["input_text"] = _rows(seq.text_embeds, text_index)
         site = Site(Stage.LLM, index)
-        block = VisualBlock(_rows(seq.hidden, seq.visual_index()), seq.block.origin, seq.block.sizes)
+        block = VisualBlock(_rows(seq.hidden, visual_rows), seq.block.origin, seq.block.sizes)
         applied = run_site(self.compressor, site, keep, block, self.grid, self.generator, **signals)
         return splice(seq, applied, self.policy)
+
+    def _layer_signals(self, seq: TokenSequence, index: int,
+                       previous: tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None,
+                       cache: object, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``attention``, ``keys`` and key L1 norms of the layer ``attention_source`` names."""
+        assert self.compressor is not None
+        needs = self.compressor.needs
+        if self.compressor.attention_source == "next" or index == 0:
+            # layer ``index`` itself, on the hidden states entering it (a site before layer 0 has no
+            # layer before it): its keys are recomputed over the whole sequence
+            probe_layer, hidden_in, probe_cos_sin, keys = index, seq.hidden, cos_sin, None
+        else:
+            probe_layer, keys = index - 1, cache.layers[index - 1].keys
+            hidden_in, probe_cos_sin = previous[1:] if previous is not None else (None, None)
+        layer = self.decoder.layers[probe_layer]
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden_in) if hidden_in is not None else None
+        signals: dict[str, torch.Tensor] = {}
+        if "keys" in needs:
+            signals["keys"] = head_mean_keys(attn.k_proj, _rows(normed, seq.visual_index()), attn.head_dim)
+        if keys is None:
+            keys = _rotated_keys(attn, normed, probe_cos_sin, self.decoder.rotary)
+            for trace, tokens in zip(self.traces, seq.valid.sum(dim=1).tolist()):
+                trace.probe_key_tokens += int(tokens)
+        if "attention" in needs:
+            signals["attention"] = self._attention(seq, attn, normed, probe_cos_sin, keys)
+        if "key_l1" in needs:  # [B, S], every token: the caller splits visual and text rows
+            signals["key_l1"] = keys.float().abs().sum(dim=(1, 3))
+        return signals
 
     def _attention(self, seq: TokenSequence, attn: nn.Module, normed: torch.Tensor,
                    cos_sin: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor) -> torch.Tensor:

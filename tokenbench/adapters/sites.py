@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenbench.adapters.base import AdapterError
-from tokenbench.compressor import Reduction, Site, SiteInput, TokenCompressor
+from tokenbench.compressor import SIGNAL_FIELDS, Reduction, Site, SiteInput, TokenCompressor
 
 
 @dataclass
@@ -42,8 +42,11 @@ class Applied:
 def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBlock, grid: tuple[int, int],
              generator: torch.Generator | None, **signals: torch.Tensor | None) -> Applied:
     """Call ``compressor.reduce`` on ``block`` with the given signals and apply its reduction."""
-    wanted = {name: value for name, value in signals.items() if name in compressor.needs}
-    missing = sorted(set(compressor.needs) - {k for k, v in wanted.items() if v is not None})
+    fields = {field: need for need in compressor.needs for field in SIGNAL_FIELDS.get(need, (need,))}
+    wanted = {name: value for name, value in signals.items() if name in fields}
+    missing = sorted({need for field, need in fields.items() if wanted.get(field) is None})
+    if signals.get("text_valid") is not None:
+        wanted["text_valid"] = signals["text_valid"]
     if missing:
         raise AdapterError(f"method '{compressor.name}' needs {', '.join(missing)} at site "
                            f"{site.stage}:{site.layer}, which this adapter cannot provide there; "
