@@ -42,6 +42,11 @@ Reference quirks (42Shawn/LLaVA-PruMerge @097c041) and what is done here:
   returned as appended tokens, which keeps their order but loses their grid origin).
 - ``heads=mean`` uses the true head-mean attention and head-mean keys instead of the single-head
   approximation (a deviation, off by default).
+- ``attention_block=selected`` (a deviation, off by default) takes the head-mean CLS attention and
+  keys of the selected block itself (the ``cls_attention`` and ``keys`` signals), for encoders whose
+  block after the selected one is untrained or absent. The embedded default ``tiny-llava-shapes`` is
+  such a model: LLaVA never uses its last CLIP block, so training left it at its initialisation and
+  the reference's signals there are those of random weights.
 - Python loops over tokens and batch rows are vectorised; ties among equally similar neighbours may
   pick other members of the tie (their weighted sum differs only if their features do).
 
@@ -145,11 +150,16 @@ class PruMergePlus(TokenCompressor):
             "concat", description="concat: single-head attention over concatenated heads (reference); mean")
         order: Literal["spatial", "reference"] = Field(
             "spatial", description="token order into the LLM: raster, or the reference's (attention first)")
+        attention_block: Literal["next", "selected"] = Field(
+            "next", description="CLS attention and keys of the block after the selected one (reference) or of "
+                                "the selected block (head mean; cls_attention and keys signals)")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.next_block_heads = self.options.heads
         self.adaptive_count = self.options.mode == "adaptive"
+        if self.options.attention_block == "selected":
+            self.needs = frozenset({"cls_attention", "keys"})
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
         if Stage.VISION_OUT not in info.stages:
@@ -171,15 +181,17 @@ class PruMergePlus(TokenCompressor):
         batch, n, _ = visual.shape
         if x.keep >= n and not self.adaptive_count:
             return Reduction(torch.arange(n, device=visual.device).expand(batch, n).clone())
-        if x.cls_attention_next is None or x.keys_next is None:
-            raise ValueError(f"{self.name} needs the cls_attention_next and keys_next signals; the adapter did "
+        attention, keys = (x.cls_attention_next, x.keys_next) if self.options.attention_block == "next" \
+            else (x.cls_attention, x.keys)
+        if attention is None or keys is None:
+            raise ValueError(f"{self.name} needs the {' and '.join(sorted(self.needs))} signals; the adapter did "
                              "not provide them")
-        attention = check_finite(self.name, x.cls_attention_next.unsqueeze(-1)).squeeze(-1)
+        attention = check_finite(self.name, attention.unsqueeze(-1)).squeeze(-1)
         if self.adaptive_count:
             chosen = adaptive_selection(attention)[:, :max(min(x.keep, n), 1)]
         else:
             chosen = budget_selection(attention, max(min(x.keep, n), 1), self.options.topk_share)
-        merged, extra = merge_into_kept(visual, attention, x.keys_next, chosen, self.options.neighbours)
+        merged, extra = merge_into_kept(visual, attention, keys, chosen, self.options.neighbours)
         with_extra = self.options.extra_token and chosen.shape[1] < n
         if self.options.order == "reference":
             tokens = torch.cat([merged, extra], dim=1) if with_extra else merged

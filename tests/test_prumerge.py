@@ -121,6 +121,17 @@ def test_reference_order_option_returns_the_tokens_in_the_reference_order():
     torch.testing.assert_close(out.extra[clear], torch.cat([merged, extra], dim=1)[clear], rtol=1e-5, atol=1e-5)
 
 
+def test_selected_block_option_reads_the_selected_block_signals():
+    x, attention, keys, grid = inputs(LLAVA_CLIP, 1, seed=12)
+    method = PruMergePlus(attention_block="selected")
+    assert method.needs == frozenset({"cls_attention", "keys"}) and method.flash_attention == "probe"
+    selected = SiteInput(visual=x, origin=torch.arange(576)[None], grid=grid, keep=63, site=Site(Stage.VISION_OUT),
+                         cls_attention=attention, keys=keys)
+    out = method.reduce(selected)
+    expected = PruMergePlus().reduce(site_input(x, 63, grid, attention, keys))
+    assert torch.equal(out.keep, expected.keep) and torch.equal(out.values, expected.values)
+
+
 def test_head_mean_option_and_flash_class():
     assert PruMergePlus().next_block_heads == "concat" and PruMergePlus(heads="mean").next_block_heads == "mean"
     assert PruMergePlus().flash_attention == "probe"
