@@ -4,7 +4,9 @@ Stages: ``vision`` (between CLIP encoder blocks, with ToMe's proportional attent
 log-size bias on the keys), ``vision_out`` (the selected CLIP layer, CLS dropped, before the
 projector; the projector then runs on the kept tokens only), ``projector`` and ``llm``.
 The CLIP encoder runs as an explicit loop over its stock blocks up to the selected feature layer;
-the blocks after it cannot influence LLaVA's output and are skipped.
+the blocks after it cannot influence LLaVA's output and are skipped (a method that asks for the
+next block's CLS attention or keys gets that block's LayerNorm and q/k projections only). The
+``clip_*`` signals come from an auxiliary CLIP checkpoint (``clip_space.py``).
 """
 
 from __future__ import annotations
@@ -157,23 +159,23 @@ class LlavaAdapter(StagedAdapter):
 
     def unserved_signal_reason(self, compressor: TokenCompressor,
                                plan: Sequence[tuple[Site, int]]) -> str | None:
+        next_block, clip = compressor.needs & NEXT_BLOCK_SIGNALS, compressor.needs & CLIP_SIGNALS
         for site, _ in plan:
-            wanted = compressor.needs & (NEXT_BLOCK_SIGNALS | CLIP_SIGNALS)
-            if wanted & NEXT_BLOCK_SIGNALS:
+            if next_block:
                 if site.stage is not Stage.VISION_OUT:
-                    return self._refusal(compressor, wanted & NEXT_BLOCK_SIGNALS, f"at {site.stage} sites; "
-                                         "they exist at vision_out only")
+                    return self._refusal(compressor, next_block, f"at {site.stage} sites; they exist at "
+                                         "vision_out only")
                 if self.vision_blocks >= len(self.model.model.vision_tower.encoder.layers):
-                    return self._refusal(compressor, wanted & NEXT_BLOCK_SIGNALS, "for this checkpoint: its "
-                                         "selected vision layer is the last CLIP block, so no block follows it")
-            if wanted & CLIP_SIGNALS:
+                    return self._refusal(compressor, next_block, "for this checkpoint: its selected vision "
+                                         "layer is the last CLIP block, so no block follows it")
+            if clip:
                 if site.stage not in (Stage.VISION_OUT, Stage.PROJECTOR):
-                    return self._refusal(compressor, wanted & CLIP_SIGNALS, f"at {site.stage} sites; they "
-                                         "exist at vision_out and projector only")
+                    return self._refusal(compressor, clip, f"at {site.stage} sites; they exist at vision_out "
+                                         "and projector only")
                 try:
                     self._clip_space(compressor)
                 except AdapterError as exc:
-                    return self._refusal(compressor, wanted & CLIP_SIGNALS, f"here: {exc}")
+                    return self._refusal(compressor, clip, f"here: {exc}")
         return None
 
     def _refusal(self, compressor: TokenCompressor, signals: frozenset[str], why: str) -> str:
