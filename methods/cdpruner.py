@@ -36,6 +36,8 @@ Reference quirks (Theia-4869/CDPruner @9541616) and what is done here:
   √negative (inf / NaN, ill-defined argmax). Here, once the largest remaining d² is at most 1e-6 of
   the image's largest diagonal entry, the determinant cannot grow, and the remaining picks are the
   most relevant unpicked tokens (lowest index on ties).
+- ``negate=false`` uses +cos instead of the reference's −cos (a deviation, for the fallback above
+  where the reference's reason to negate, CLIP patch tokens, does not apply).
 - The instruction is the prompt with LLaVA's short-answer line removed by string replacement
   (``instruction_suffix``, the reference's loader); "" embeds the whole prompt.
 - The reference computes the CLIP patch post-LN in fp16; the adapter computes it in fp32.
@@ -137,6 +139,7 @@ class CDPruner(TokenCompressor):
             "image", description="min-max relevance per image, or over the batch as the reference")
         instruction_suffix: str = Field(
             SHORT_ANSWER_LINE, description="removed from the prompt before CLIP encodes it (reference)")
+        negate: bool = Field(True, description="relevance = −cos as the reference (false: +cos, a deviation)")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -157,7 +160,8 @@ class CDPruner(TokenCompressor):
         batch, n, _ = visual.shape
         if x.keep >= n:
             return Reduction(torch.arange(n, device=visual.device).expand(batch, n).clone())
-        relevance = minmax_relevance(self._raw_relevance(x), per_image=self.options.normalize == "image")
+        raw = self._raw_relevance(x) if self.options.negate else -self._raw_relevance(x)
+        relevance = minmax_relevance(raw, per_image=self.options.normalize == "image")
         kernel = conditional_kernel(visual, relevance)
         return Reduction(dpp_greedy(kernel, max(x.keep, 1), relevance).sort(dim=1).values)
 

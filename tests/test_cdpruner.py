@@ -148,6 +148,8 @@ def test_llm_text_fallback_relevance():
     out = method.reduce(site_input(visual, 16, (12, 12), text=text))
     relevance = -torch.nn.functional.cosine_similarity(visual[0], text[0].mean(dim=0, keepdim=True), dim=1)
     assert out.keep.tolist() == slow_dpp(visual, relevance[None], 16)
+    flipped = CDPrunerLLMText(negate=False).reduce(site_input(visual, 16, (12, 12), text=text))
+    assert flipped.keep.tolist() == slow_dpp(visual, -relevance[None], 16) != out.keep.tolist()
 
 
 def test_options_needs_and_schedule(tmp_path):
