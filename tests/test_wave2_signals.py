@@ -3,14 +3,19 @@ DivPrune / CDPruner / PruMerge+ end to end on both tiny adapters."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from adapter_tools import ALL, Scripted, adapter, model_dir, prompts
+from click.testing import CliRunner
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tokenbench import Budget, Infeasible, Site, Stage
 from tokenbench.adapters.base import Prompt
 from tokenbench.adapters.llava import LlavaAdapter
+from tokenbench.cli import cli
 from tokenbench.plugins import load_registry
 
 REGISTRY = load_registry()
@@ -172,3 +177,15 @@ def test_flash_sdpa_backend(request, name, declared):
     trace = out[0].trace
     assert compressor.flash_attention == declared
     assert trace.eager_attention_calls == 0 and trace.probe_rows == (declared == "probe")
+
+
+def test_the_harness_records_an_unserved_signal_as_infeasible(tiny_llava_dir, tmp_path):
+    plugins = Path(__file__).parent / "test_runner_plugins"
+    result = CliRunner().invoke(cli, ["--plugins-dir", str(plugins), "run", "--model", str(tiny_llava_dir),
+                                      "--tasks", "tiny", "--methods", "cdpruner", "--budgets", "64",
+                                      "--limit", "2", "--no-efficiency", "--output", str(tmp_path / "out"),
+                                      "--json"], env={"TINY_SAMPLES": "2"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = next(r for r in json.loads(result.stdout) if r["method"] == "cdpruner")
+    assert "clip_text, clip_visual" in record["infeasible"] and "llava adapter" in record["infeasible"]
+    assert "-o cdpruner.clip_checkpoint=DIR" in record["infeasible"] and record["n_samples"] == 0
