@@ -24,6 +24,13 @@ SIGNALS = SIGNALS | LLM_STATE_SIGNALS
 SIGNAL_FIELDS: dict[str, tuple[str, ...]] = {"key_l1": ("key_l1", "text_key_l1"),
                                              "final_norm": ("normed_visual", "normed_text"),
                                              "input_states": ("input_visual", "input_text")}
+# E2 (spec methods-wave2 §20): signals of the vision block *after* the selected one, computed on the
+# selected features (PruMerge+). ``TokenCompressor.next_block_heads`` says how their heads combine.
+NEXT_BLOCK_SIGNALS = frozenset({"cls_attention_next", "keys_next"})
+# E7: the CLIP joint embedding space, from an auxiliary CLIP checkpoint (CDPruner).
+CLIP_SIGNALS = frozenset({"clip_visual", "clip_text"})
+SIGNALS = SIGNALS | NEXT_BLOCK_SIGNALS | CLIP_SIGNALS
+NextBlockHeads = Literal["mean", "concat"]
 AttentionQueries = Literal["last", "text", "all"]
 AttentionSource = Literal["previous", "next"]
 PositionPolicy = Literal["original", "contiguous"]
@@ -116,6 +123,16 @@ class SiteInput:
     - ``text`` [B, T, Dt]: the text tokens that follow the image, in LLM space: their input embeddings
       at pre-LLM stages, their hidden states entering the site's layer at ``llm`` sites.
     - ``cls_attention`` [B, N]: head-mean attention of the vision encoder's CLS query at the selected layer.
+    - ``cls_attention_next`` [B, N]: the CLS query's attention to the patches in the vision block *after*
+      the selected one, run on the selected features (softmax over CLS + patches): the head mean, or
+      with ``next_block_heads="concat"`` one softmax over the heads' concatenated q·k (scale 1/√width).
+    - ``keys_next`` [B, N, Dk]: that block's keys of the patches: head-mean, or all heads concatenated
+      (``next_block_heads="concat"``, Dk = the encoder width).
+    - ``clip_visual`` [B, N, Dc]: the visual tokens in a CLIP joint space: the auxiliary CLIP model's
+      ``visual_projection(post_layernorm(·))`` of their vision-encoder features (fp32).
+    - ``clip_text`` [B, M, Dc]: the CLIP text embeddings (projected pooled output) of the instruction
+      (``TokenCompressor.clip_instruction`` of the prompt), one row per ``max_position_embeddings``
+      tokens (usually M = 1).
     - ``generator``: seeded by the harness; use it for any randomness.
 
     Signals at ``llm`` sites only, each requested through ``needs`` (the layer they come from is the
@@ -153,6 +170,10 @@ class SiteInput:
     input_visual: torch.Tensor | None = None
     input_text: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None
+    cls_attention_next: torch.Tensor | None = None
+    keys_next: torch.Tensor | None = None
+    clip_visual: torch.Tensor | None = None
+    clip_text: torch.Tensor | None = None
 
 
 @dataclass
@@ -220,6 +241,16 @@ class TokenCompressor:
     # Whether reduce draws from SiteInput.generator. Adapters then run the method one sample at a
     # time, so a sample's draw depends on the seed alone, not on its batch neighbours or on resume.
     stochastic: bool = False
+    # E2: how ``cls_attention_next`` / ``keys_next`` combine heads: ``mean`` or ``concat`` (PruMerge+).
+    next_block_heads: NextBlockHeads = "mean"
+    # E7: directory of the CLIP checkpoint (a full ``CLIPModel``: both towers and projections) the
+    # adapter loads to compute ``clip_visual`` / ``clip_text``; it must be the CLIP model the VLM's
+    # vision tower comes from. ``None``: the adapter refuses those signals (Infeasible, with the fix).
+    clip_checkpoint: str | None = None
+    # ``reduce`` keeps a data-dependent number of tokens, at most the plan's ``keep``, and does not aim
+    # at the budget (PruMerge+'s adaptive count): the plan may exceed the budget and the realised
+    # tokens the harness records are the result. Adapters run such methods one sample at a time.
+    adaptive_count: bool = False
     paper: ClassVar[str] = ""
     source: ClassVar[str] = ""
 
@@ -250,11 +281,17 @@ class TokenCompressor:
         """Choose (and optionally merge) the tokens that survive this site."""
         raise NotImplementedError
 
+    def clip_instruction(self, prompt: str) -> str:
+        """The part of the user's prompt that ``clip_text`` embeds (default: all of it)."""
+        return prompt
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "options": self.options.model_dump(mode="json")}
 
 
 def flash_attention_class(needs: frozenset[str], queries: AttentionQueries = "last") -> FlashAttentionClass:
+    if "cls_attention_next" in needs and not ("attention" in needs and queries == "all"):
+        return "probe"  # one CLS query row of the next vision block
     if "attention" not in needs and "cls_attention" not in needs:
         return "native"
     if "attention" in needs and queries == "all":

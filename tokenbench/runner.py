@@ -205,10 +205,10 @@ class Harness:
             return None
         info = self.adapter.info()
         try:
-            compressor.schedule(info.n_visual, arm.budget.target(info.n_visual), info)
+            plan = compressor.schedule(info.n_visual, arm.budget.target(info.n_visual), info)
         except Infeasible as exc:
             return str(exc)
-        return None
+        return self.adapter.unserved_signal_reason(compressor, plan)
 
     # ----------------------------------------------------------------------------- accuracy pass
     def accuracy_pass(self, task: Task, samples: Sequence[Sample],

@@ -183,3 +183,32 @@ def tiny_qwen2_vl(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS
     processor_class = "Qwen2VLProcessor" if variant == "qwen2_vl" else "Qwen2_5_VLProcessor"
     (directory / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}))
     return directory
+
+
+def tiny_clip(directory: str | Path, *, vision_from: str | Path, words: Sequence[str] = DEFAULT_WORDS,
+              text_positions: int = 8, seed: int = 0) -> Path:
+    """A full ``CLIPModel`` (both towers and projections) whose vision tower is the one of the LLaVA
+    checkpoint at ``vision_from``, as LLaVA-1.5's is CLIP's: the auxiliary model of the ``clip_*``
+    signals (CDPruner) for tests. The text tower is random, with ``text_positions`` positions per
+    segment (small, so that test prompts span several segments); the word-level tokenizer wraps
+    text in ``<s> … </s>`` as CLIP's tokenizer does. Saved with its tokenizer under ``directory``."""
+    from tokenizers import processors
+    from transformers import CLIPConfig, CLIPModel, LlavaForConditionalGeneration
+
+    directory = Path(directory)
+    tokenizer = word_level_tokenizer(words)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)])
+    llava = LlavaForConditionalGeneration.from_pretrained(vision_from)
+    vision = llava.config.vision_config
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": text_positions, "bos_token_id": bos,
+            "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
+    config = CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=vision.projection_dim)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    model.vision_model.load_state_dict(llava.model.vision_tower.state_dict())
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

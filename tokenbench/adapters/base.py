@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from tokenbench.budget import Budget
-from tokenbench.compressor import ModelInfo, Stage, TokenCompressor
+from tokenbench.compressor import ModelInfo, Site, Stage, TokenCompressor
 
 
 @dataclass
@@ -115,6 +115,14 @@ class VLMAdapter(ABC):
     def batchable(self, compressor: TokenCompressor | None) -> bool:
         """Whether ``generate`` runs this compressor on batches > 1 (else the harness sends one)."""
         return True
+
+    def unserved_signal_reason(self, compressor: TokenCompressor,
+                               plan: Sequence[tuple[Site, int]]) -> str | None:
+        """Why this adapter cannot serve a signal that ``compressor`` needs at a site of ``plan``
+        (the harness and ``generate`` then treat the plan as ``Infeasible`` with this reason), or
+        ``None``. Covers the wave-2 signals (next-block and CLIP); the others are checked when a
+        site runs."""
+        return None
 
     @property
     def device(self) -> torch.device:

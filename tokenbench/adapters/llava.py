@@ -4,7 +4,9 @@ Stages: ``vision`` (between CLIP encoder blocks, with ToMe's proportional attent
 log-size bias on the keys), ``vision_out`` (the selected CLIP layer, CLS dropped, before the
 projector; the projector then runs on the kept tokens only), ``projector`` and ``llm``.
 The CLIP encoder runs as an explicit loop over its stock blocks up to the selected feature layer;
-the blocks after it cannot influence LLaVA's output and are skipped.
+the blocks after it cannot influence LLaVA's output and are skipped (a method that asks for the
+next block's CLS attention or keys gets that block's LayerNorm and q/k projections only). The
+``clip_*`` signals come from an auxiliary CLIP checkpoint (``clip_space.py``).
 
 Protocols (``protocol``): ``hf`` applies the checkpoint's chat template and its image processor
 (which centre-crops a non-square image); ``llava`` is LLaVA-1.5's own evaluation
@@ -21,17 +23,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
+from tokenbench.adapters.clip_space import ClipSpace
 from tokenbench.adapters.loading import load_checkpoint
 from tokenbench.adapters.prefill import TokenSequence
 from tokenbench.adapters.probe import head_mean_keys, head_mean_probs
 from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
-from tokenbench.compressor import Architecture, ModelInfo, Site, Stage
+from tokenbench.compressor import (
+    CLIP_SIGNALS,
+    NEXT_BLOCK_SIGNALS,
+    Architecture,
+    ModelInfo,
+    Site,
+    Stage,
+    TokenCompressor,
+)
 
 #: The system prompt of LLaVA-1.5's ``vicuna_v1`` conversation.
 VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -60,6 +72,7 @@ class LlavaAdapter(StagedAdapter):
         total = vision.num_hidden_layers
         self.vision_blocks = config.vision_feature_layer % (total + 1)  # blocks up to the selected layer
         processor.tokenizer.padding_side = "left"
+        self._clip_spaces: dict[str, ClipSpace] = {}
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, attn: str = "sdpa",
@@ -141,12 +154,17 @@ class LlavaAdapter(StagedAdapter):
                 signals["keys"] = _clip_keys(tower.encoder.layers[self.vision_blocks - 1], block_input)[:, 1:]
             if "text" in needs:
                 signals["text"] = sequence.text_after_image()
+            if needs & NEXT_BLOCK_SIGNALS:
+                signals |= self._next_block_signals(hidden, bias, compressor, traces)
+            signals |= self._clip_signals(patches.tokens, encoded, compressor)
             patches = run_site(compressor, Site(Stage.VISION_OUT), keep[0], patches, self.patch_grid,
                                plan.generator, **signals).block
-        patches.tokens = self.model.model.multi_modal_projector(patches.tokens)
+        features = patches.tokens
+        patches.tokens = self.model.model.multi_modal_projector(features)
         keep = plan.at(Stage.PROJECTOR)
         if keep:
             signals = {"text": sequence.text_after_image()} if "text" in needs else {}
+            signals |= self._clip_signals(features, encoded, compressor)
             patches = run_site(compressor, Site(Stage.PROJECTOR), keep[0], patches, self.patch_grid,
                                plan.generator, **signals).block
         return patches
@@ -161,6 +179,87 @@ class LlavaAdapter(StagedAdapter):
         keys = attn.k_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
         probs = head_mean_probs(queries, keys, attn.scale, bias=None if bias is None else bias[:, 0])
         return probs[:, 0, 1:]
+
+    def unserved_signal_reason(self, compressor: TokenCompressor,
+                               plan: Sequence[tuple[Site, int]]) -> str | None:
+        next_block, clip = compressor.needs & NEXT_BLOCK_SIGNALS, compressor.needs & CLIP_SIGNALS
+        for site, _ in plan:
+            if next_block:
+                if site.stage is not Stage.VISION_OUT:
+                    return self._refusal(compressor, next_block, f"at {site.stage} sites; they exist at "
+                                         "vision_out only")
+                if self.vision_blocks >= len(self.model.model.vision_tower.encoder.layers):
+                    return self._refusal(compressor, next_block, "for this checkpoint: its selected vision "
+                                         "layer is the last CLIP block, so no block follows it")
+            if clip:
+                if site.stage not in (Stage.VISION_OUT, Stage.PROJECTOR):
+                    return self._refusal(compressor, clip, f"at {site.stage} sites; they exist at vision_out "
+                                         "and projector only")
+                try:
+                    self._clip_space(compressor)
+                except AdapterError as exc:
+                    return self._refusal(compressor, clip, f"here: {exc}")
+        return None
+
+    def _refusal(self, compressor: TokenCompressor, signals: frozenset[str], why: str) -> str:
+        return (f"method '{compressor.name}' needs {', '.join(sorted(signals))}, which the {self.name} "
+                f"adapter cannot serve {why}")
+
+    def _next_block_signals(self, selected: torch.Tensor, bias: torch.Tensor | None,
+                            compressor: TokenCompressor, traces: list[TokenTrace]) -> dict[str, torch.Tensor]:
+        """E2: the CLS row and the patch keys of the CLIP block after the selected one, run on the
+        selected features (its LayerNorm and q/k projections only; the block's output is not needed)."""
+        block = self.model.model.vision_tower.encoder.layers[self.vision_blocks]
+        attn = block.self_attn
+        normed = block.layer_norm1(selected)
+        b, t, width = normed.shape
+        keys = attn.k_proj(normed)
+        out: dict[str, torch.Tensor] = {}
+        if compressor.next_block_heads == "concat":
+            if "cls_attention_next" in compressor.needs:
+                scores = (attn.q_proj(normed[:, :1]).float() @ keys.float().transpose(1, 2)) * width ** -0.5
+                if bias is not None:
+                    scores = scores + bias[:, 0].float()
+                out["cls_attention_next"] = scores.softmax(dim=-1)[:, 0, 1:]
+            out["keys_next"] = keys[:, 1:]
+        else:
+            if "cls_attention_next" in compressor.needs:
+                queries = attn.q_proj(normed[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+                split = keys.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+                probs = head_mean_probs(queries, split, attn.scale, bias=None if bias is None else bias[:, 0])
+                out["cls_attention_next"] = probs[:, 0, 1:]
+            out["keys_next"] = keys[:, 1:].view(b, t - 1, attn.num_heads, attn.head_dim).mean(dim=2)
+        if "cls_attention_next" in out:
+            for trace in traces:
+                trace.probe_rows += 1
+        return out
+
+    def _clip_signals(self, features: torch.Tensor, encoded: Any,
+                      compressor: TokenCompressor | None) -> dict[str, torch.Tensor]:
+        """E7: ``clip_visual`` of the alive tokens' vision features and ``clip_text`` of the prompts."""
+        if compressor is None or not compressor.needs & CLIP_SIGNALS:
+            return {}
+        space = self._clip_space(compressor)
+        out = {"clip_visual": space.visual(features)} if "clip_visual" in compressor.needs else {}
+        if "clip_text" in compressor.needs:
+            if encoded.texts is None:
+                raise AdapterError("clip_text needs the prompts' text; call run() or generate()")
+            out["clip_text"] = space.text([compressor.clip_instruction(t) for t in encoded.texts])
+        return out
+
+    def _clip_space(self, compressor: TokenCompressor) -> ClipSpace:
+        path = compressor.clip_checkpoint
+        if path is None:
+            raise AdapterError(f"no CLIP checkpoint was given; pass -o {compressor.name}.clip_checkpoint=DIR "
+                               "(a local full CLIP model, the one this VLM's vision tower comes from)")
+        if path not in self._clip_spaces:
+            space = ClipSpace.load(path, self.device)
+            width = self.model.config.vision_config.hidden_size
+            if space.vision_width != width:
+                raise AdapterError(f"the CLIP checkpoint '{path}' has vision width {space.vision_width}, "
+                                   f"this model's vision tower {width}: it is not the tower's CLIP model")
+            self._clip_spaces[path] = space
+        return self._clip_spaces[path]
 
 
 def vicuna_v1_prompt(question: str, image_token: str = "<image>") -> str:

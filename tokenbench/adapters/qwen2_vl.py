@@ -25,7 +25,15 @@ from tokenbench.adapters.loading import load_checkpoint
 from tokenbench.adapters.prefill import TokenSequence
 from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
-from tokenbench.compressor import Architecture, ModelInfo, Site, Stage
+from tokenbench.compressor import (
+    CLIP_SIGNALS,
+    NEXT_BLOCK_SIGNALS,
+    Architecture,
+    ModelInfo,
+    Site,
+    Stage,
+    TokenCompressor,
+)
 
 
 @dataclass
@@ -89,6 +97,16 @@ class Qwen2VLAdapter(StagedAdapter):
             vision_tokens=patches, projector_in=merged, projector_hidden=merged,
             gated_mlp=True)
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch)
+
+    def unserved_signal_reason(self, compressor: TokenCompressor,
+                               plan: Sequence[tuple[Site, int]]) -> str | None:
+        """The Qwen vision encoder has no CLS token (no next-block CLS row) and no CLIP text tower
+        (its joint space is not CLIP's: CDPruner's authors have not published a Qwen recipe)."""
+        unserved = compressor.needs & (NEXT_BLOCK_SIGNALS | CLIP_SIGNALS)
+        if plan and unserved:
+            return (f"method '{compressor.name}' needs {', '.join(sorted(unserved))}, which the {self.name} "
+                    "adapter cannot serve: its vision encoder has no CLS token and no CLIP text tower")
+        return None
 
     def _batch_key(self, prompt: Prompt) -> Any:
         return prompt.image.size if prompt.image is not None else None

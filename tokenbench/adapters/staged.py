@@ -28,7 +28,7 @@ from tokenbench.adapters.prefill import (
 )
 from tokenbench.adapters.sites import Applied, VisualBlock
 from tokenbench.budget import Budget
-from tokenbench.compressor import Site, Stage, TokenCompressor
+from tokenbench.compressor import Infeasible, Site, Stage, TokenCompressor
 from tokenbench.measure import Timer
 
 
@@ -42,6 +42,7 @@ class Encoded:
     image_token_id: int
     grid: tuple[int, int]  # visual-token grid of the (equal-sized) images
     positions: torch.Tensor | None = None  # family-computed position ids (M-RoPE), else derived
+    texts: list[str] | None = None  # the prompts' user text (``clip_text`` signal), set by ``run``
 
     @property
     def n_visual(self) -> int:
@@ -98,6 +99,8 @@ class StagedAdapter(VLMAdapter):
             return True
         if compressor.stochastic or "text" in compressor.needs:
             return False
+        if compressor.adaptive_count or "clip_text" in compressor.needs:
+            return False  # per-image token counts / instruction segments differ between rows
         return not ("attention" in compressor.needs and compressor.attention_queries != "last")
 
     def generate(self, prompts: Sequence[Prompt], *, compressor: TokenCompressor | None = None,
@@ -125,7 +128,9 @@ class StagedAdapter(VLMAdapter):
         """Generate for one batch (equal visual-token counts) and keep the internals tests check."""
         if any(p.image is None for p in prompts):
             raise AdapterError("every prompt needs an image; text-only prompts are not supported")
-        return self.run_encoded(self._encode(prompts), compressor=compressor, budget=budget,
+        encoded = self._encode(prompts)
+        encoded.texts = [p.text for p in prompts]
+        return self.run_encoded(encoded, compressor=compressor, budget=budget,
                                 max_new_tokens=max_new_tokens, seed=seed)
 
     def run_encoded(self, encoded: Encoded, *, compressor: TokenCompressor | None = None,
@@ -161,6 +166,9 @@ class StagedAdapter(VLMAdapter):
             raise AdapterError(f"method '{compressor.name}' scheduled stage(s) {', '.join(unsupported)}, which "
                                f"the {self.name} adapter does not offer; it offers "
                                f"{', '.join(sorted(str(s) for s in self.stages))}")
+        reason = self.unserved_signal_reason(compressor, sites)
+        if reason:
+            raise Infeasible(reason)
         return Plan(compressor, sites, torch.Generator().manual_seed(seed))
 
     def _placeholder_sequence(self, encoded: Encoded, decoder: Decoder) -> TokenSequence:
