@@ -17,6 +17,7 @@ site outside the model's layers.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -143,7 +144,10 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
 
 
 def load_task(name: str, config: RunConfig, registry: Registry) -> tuple[Task, list[Sample]]:
-    """The task and its samples, read before the model loads; unreadable data are one line."""
+    """The task and its samples, read before the model loads; unreadable data are one line (the
+    ``datasets`` library's own error log, which says the same at length, is held back)."""
+    disabled = logging.root.manager.disable
+    logging.disable(logging.ERROR)
     try:
         task: Task = registry.task(name)(config.data_dir)
         return task, list(task.samples(config.limit))
@@ -152,6 +156,8 @@ def load_task(name: str, config: RunConfig, registry: Registry) -> tuple[Task, l
     except Exception as exc:  # noqa: BLE001 -- unreadable files (parquet, arrow, ...): one line, exit 2
         where = f" under --data-dir {config.data_dir}" if config.data_dir else ""
         raise TaskDataError(f"task '{name}': cannot read its data{where}: {_describe(exc)[:300]}") from None
+    finally:
+        logging.disable(disabled)
 
 
 class Harness:
