@@ -238,7 +238,7 @@ def render_markdown(records: Sequence[dict[str, Any]], *, page: bool = True) -> 
         if note := _cpu_note(model_runs):
             out += [note, ""]
         if page:
-            out += [f"![relative accuracy vs prefill TFLOPs]({plot_name(model)})", ""]
+            out += [f"![relative accuracy vs prefill FLOPs]({plot_name(model)})", ""]
     if "hw" in footnotes:
         out += ["`n/c`: measured on other hardware than the baseline; latencies are not comparable.", ""]
     if "over" in footnotes:
@@ -281,7 +281,8 @@ def plot_points(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]
             by_method[r["method"]].append({"flops": r["flops"]["prefill"], "relative": r["relative"],
                                            "ci": r.get("relative_ci"), "budget": r.get("budget"),
                                            "over_budget": over_budget(r)})
-    return {method: sorted(points, key=lambda p: p["flops"]) for method, points in sorted(by_method.items())}
+    order = sorted(by_method, key=lambda m: (m != BASELINE, m))  # the baseline first in the legend
+    return {method: sorted(by_method[method], key=lambda p: p["flops"]) for method in order}
 
 
 def draw_plot(ax: Any, runs: Sequence[dict[str, Any]], title: str) -> None:
