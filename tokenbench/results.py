@@ -27,7 +27,8 @@ Public, stable fields of a run record (``SCHEMA_VERSION`` changes when one of th
   paper's count under ``fastv_macs`` (MAC, LLM only) — see :mod:`tokenbench.measure`;
 - ``latency_ms``: medians of batch-1 runs (``vision``, ``prefill``, ``ttft``, ``decode_per_token``,
   ``end_to_end``), their spread (``ttft_iqr``, ``end_to_end_iqr``: first and third quartile) and the
-  number of timed runs ``repeats``; ``peak_memory_bytes`` (with ``peak_memory_kind``);
+  number of timed runs ``repeats``; ``timing_conditions`` (device type, CPUs, threads, the 1-minute
+  load average while timing); ``peak_memory_bytes`` (with ``peak_memory_kind``);
 - ``flash_attention``: ``class`` measured under the forced flash SDPA kernel (native / probe / eager
   / fails) with ``declared``, ``probe_rows``, ``probe_ms``, and ``flash_attention_2`` where run;
 - ``n_samples``, ``n_errors`` (with ``errors`` by kind, and ``first_error``: the first failing
