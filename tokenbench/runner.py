@@ -5,7 +5,7 @@ finished sample is appended to ``samples.jsonl`` at once, keyed by what determin
 rerun resumes and a kill loses at most the batch in flight), then a **FlashAttention probe** (one
 sample under the forced flash SDPA kernel) and, unless disabled, an **efficiency pass** (batch 1,
 one warm-up, ``EFFICIENCY_REPEATS`` timed runs over ``EFFICIENCY_SAMPLES`` samples). Finally it
-writes one run JSON per (model, task, method, budget) with statistics against the baseline.
+writes one run JSON per (model, task, method, budget, settings) with statistics against the baseline.
 
 Faults stay local: a sample whose image fails to decode, whose prompt exceeds the model's context,
 or on which the method raises gets a record with the error (and, for an exception, the file and line
