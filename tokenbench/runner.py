@@ -105,11 +105,6 @@ def load_adapter(config: RunConfig, registry: Registry, random_weights: bool = F
     if model_type is None:
         from transformers import AutoConfig
 
-        from tokenbench.hub import unreachable_reason
-
-        if not Path(config.model.location).exists() and (reason := unreachable_reason(config.model.location)):
-            raise ConfigError(f"cannot load model '{config.model.name}': {reason}")
-
         model_type = AutoConfig.from_pretrained(config.model.location).model_type
     cls = registry.adapter_for(model_type)
     return cls.load(config.model.location, dtype=dtype, attn=config.attn, device=device)
@@ -124,6 +119,11 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
     weights, for timing model shapes without a checkpoint."""
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {config.device}: CUDA is not available here; use --device cpu")
+    if config.model.model_type is None and not random_weights and not Path(config.model.location).exists():
+        from tokenbench.hub import unreachable_reason
+
+        if reason := unreachable_reason(config.model.location):  # at once, not after the hub's retries
+            raise ConfigError(f"cannot load model '{config.model.name}': {reason}")
     claim_output_dir(config.output, run_arguments(config, accuracy) | {"random_weights": random_weights})
     tasks = {name: load_task(name, config, registry) for name in config.tasks}
     try:
