@@ -123,9 +123,9 @@ def tasks(ctx: click.Context, validate: bool, data_dir: str | None, names: tuple
     selected = [registry.task(n) for n in names] if names else [registry.tasks[n] for n in sorted(registry.tasks)]
     if not validate:
         rows = [[t.name, t.primary_metric, t.source or "-", t.description or "-",
-                 registry.owner[("task", t.name)].label] for t in selected]
+                 registry.owner[("task", t.name)].name] for t in selected]  # `tokenbench plugins` has the rest
         click.echo(tabulate(rows, headers=["task", "primary metric", "source", "description", "plugin"],
-                            maxcolwidths=[None, 18, 22, 34, 16]))
+                            maxcolwidths=[None, 16, 22, 42, 16]))
         return
     from tokenbench.tasks.validate import validate_task
 
