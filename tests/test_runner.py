@@ -383,6 +383,7 @@ def test_a_corrupt_checkpoint_is_one_line(tiny_llava_dir, tmp_path):
     result = invoke(base_args(model, tmp_path / "out", "--methods", "random"), env={"TINY_SAMPLES": "2"})
     assert result.exit_code == 2
     assert _messages(result.stderr)[0].startswith(f"tokenbench: error: cannot load model '{model}' from {model}:")
+    assert _messages(result.stderr)[0].endswith("truncated or corrupt: copy or save the checkpoint again")
     assert len(_messages(result.stderr)) == 1
 
 

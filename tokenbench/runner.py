@@ -131,8 +131,10 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 -- missing or corrupt files, bad config: one line, exit 2
+        hint = ("; a *.safetensors file there is truncated or corrupt: copy or save the checkpoint again"
+                if "safetensor" in type(exc).__name__.lower() else "")
         raise ConfigError(f"cannot load model '{config.model.name}' from {config.model.location}: "
-                          f"{_describe(exc)[:300]}") from None
+                          f"{_describe(exc)[:300]}{hint}") from None
     harness = Harness(config, registry, adapter, accuracy=accuracy, random_weights=random_weights)
     harness.check_plans()
     records: list[dict[str, Any]] = []
