@@ -36,7 +36,7 @@ def test_table_layout():
     text = render_markdown(golden_records())
     table = text.split("### tiny-llava-shapes · budget 192")[1].split("\n\n")[1].splitlines()
     assert table[0].split("|")[1].strip() == "method"
-    assert "tokens ↓" in table[0] and "relative % ↑ [95% CI]" in table[0] and "TFLOPs prefill ↓" in table[0]
+    assert "tokens ↓" in table[0] and "relative % ↑ [95% CI]" in table[0] and "GFLOPs prefill ↓" in table[0]
     assert [row.split("|")[1].strip() for row in table[2:]] == ["none", "apet", "fastv"]  # baseline first
     fastv = table[4]
     assert "n/c" in fastv  # measured on another hardware fingerprint than the baseline
@@ -108,3 +108,132 @@ def test_committed_leaderboard_matches_its_json():
     if not (committed / "results").is_dir():
         pytest.skip("no leaderboard/ next to the tests (an installed copy)")
     assert check(committed) is None
+
+
+# ------------------------------------------------------------------------------- issue 15: honest tables
+
+def _shapes(records: list[dict], method: str, budget: str | None) -> dict:
+    return next(r for r in records if r["model"] == "tiny-llava-shapes" and r["method"] == method
+                and r["budget"] == budget)
+
+
+def _table_rows(text: str, heading: str) -> list[list[str]]:
+    table = text.split(heading)[1].split("\n\n")[1].splitlines()
+    return [[cell.strip() for cell in row.split("|")[1:-1]] for row in table]
+
+
+def test_over_budget_results_are_marked_listed_last_and_off_the_plot_line():
+    from tokenbench.leaderboard import over_budget, plot_points
+
+    records = golden_records()
+    apet = _shapes(records, "apet", "192")
+    apet["realised_tokens"], apet["realised_ratio"] = 260.0, 260 / 576  # 35% over the budget of 192
+    assert over_budget(apet) and not over_budget(_shapes(records, "fastv", "192"))
+    text = render_markdown(records)
+    rows = _table_rows(text, "### tiny-llava-shapes · budget 192")
+    assert [r[0] for r in rows[2:]] == ["none", "fastv", "apet"]  # out of the comparison, after the others
+    assert "⚠ over budget" in rows[4][2] and "⚠" not in rows[3][2]
+    assert "⚠ over budget: the method processed more visual tokens than the budget allows" in text
+    points = plot_points([r for r in records if r["model"] == "tiny-llava-shapes"])["apet"]
+    assert [(p["budget"], p["over_budget"]) for p in points] == [("64", False), ("192", True)]
+    within = dict(apet, realised_tokens=195.0)  # 1.6% over: within the 2% tolerance
+    assert not over_budget(within | {"over_budget": None})
+    assert over_budget(within | {"over_budget": True})  # the run record's verdict wins
+
+
+def test_flops_unit_is_chosen_per_table():
+    text = render_markdown(golden_records())
+    tiny = _table_rows(text, "### tiny-llava-shapes · budget 192")
+    assert "GFLOPs prefill ↓" in tiny[0] and tiny[2][tiny[0].index("GFLOPs prefill ↓")] == "0.638"
+    big = _table_rows(text, "### llava-1.5-7b · budget 11.1%")
+    assert "TFLOPs prefill ↓" in big[0] and big[2][big[0].index("TFLOPs prefill ↓")] == "9.315"
+
+
+def test_latencies_show_their_spread_and_count_and_cpu_latencies_carry_a_note():
+    records = golden_records()
+    baseline = _shapes(records, "none", None)
+    baseline["latency_ms"] |= {"ttft_iqr": [28.0, 33.25], "end_to_end_iqr": [41.0, 52.5], "repeats": 9}
+    baseline["timing_conditions"] = {"load_average": 3.4, "cpus": 2, "threads": 2, "device_type": "cpu"}
+    text = render_markdown(records)
+    rows = _table_rows(text, "### tiny-llava-shapes · budget 192")
+    header = rows[0]
+    assert rows[2][header.index("TTFT ms ↓ [IQR]")] == "30.50 [28.00–33.25]"
+    assert rows[2][header.index("end-to-end ms ↓ [IQR] n")] == "45.25 [41.00–52.50] n=9"
+    assert ("Latencies measured on a CPU (2 threads), with a 1-minute load average of 3.4–3.4 on 2 cores "
+            "while timing: not comparable between runs or machines.") in text
+
+
+def test_plot_labels_budgets_shows_ci_error_bars_and_one_colour_per_method():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    from tokenbench.leaderboard import draw_plot
+
+    runs = [r for r in golden_records() if r["model"] == "tiny-llava-shapes"]
+    fig, ax = plt.subplots()
+    draw_plot(ax, runs, "tiny")
+    assert sorted(t.get_text() for t in ax.texts) == ["192", "192", "64"]  # apet 192/64, fastv 192
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    by_label = {c.get_label(): c for c in bars}
+    assert set(by_label) == {"uncompressed", "apet", "fastv"}
+    apet = by_label["apet"]
+    segments = apet.lines[2][0].get_segments()  # one vertical bar per point: the 95% CI
+    assert sorted((round(s[0][1], 1), round(s[1][1], 1)) for s in segments) == [(80.2, 94.0), (94.1, 101.6)]
+    colours = {label: c.lines[0].get_color() for label, c in by_label.items()}
+    assert len(set(colours.values())) == 3
+    assert ax.get_xlabel().startswith("prefill GFLOPs")
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------- issue 15: several --results inputs
+
+def _two_results(tmp_path: Path) -> tuple[Path, Path]:
+    first, second = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(GOLDEN / "results", first)
+    shutil.copytree(GOLDEN / "results", second)
+    return first, second
+
+
+def test_the_same_computation_from_two_results_is_kept_once(tmp_path):
+    first, second = _two_results(tmp_path)
+    for path in second.glob("*.json"):  # timed again elsewhere: other latencies, same results
+        record = json.loads(path.read_text())
+        record["latency_ms"] = {"ttft": 1.0, "end_to_end": 2.0}
+        path.write_text(json.dumps(record))
+    out = tmp_path / "board"
+    built = invoke(["leaderboard", "build", "--results", str(first), "--results", str(second), "--out", str(out)])
+    assert built.exit_code == 0, built.output
+    assert len(list((out / "results").glob("*.json"))) == len(list(first.glob("*.json")))
+    assert (out / "README.md").read_text() == (GOLDEN / "leaderboard.md").read_text()
+
+
+def test_colliding_records_of_other_settings_get_their_own_section(tmp_path):
+    first, second = _two_results(tmp_path)
+    for path in second.glob("*.json"):
+        record = json.loads(path.read_text())
+        record["provenance"]["limit"] = 8
+        record["score"] = (record["score"] or 0) + 1
+        path.write_text(json.dumps(record))
+    out = tmp_path / "board"
+    built = invoke(["leaderboard", "build", "--results", str(first), "--results", str(second), "--out", str(out)])
+    assert built.exit_code == 0, built.output
+    files = list((out / "results").glob("*.json"))
+    assert len(files) == 2 * len(list(first.glob("*.json")))  # nothing dropped
+    text = (out / "README.md").read_text()
+    assert "## tiny-llava-shapes (limit None)" in text and "## tiny-llava-shapes (limit 8)" in text
+
+
+def test_colliding_records_that_cannot_be_told_apart_fail_naming_both_files(tmp_path):
+    first, second = _two_results(tmp_path)
+    path = second / "tiny-llava-shapes__shapes__apet__192.json"
+    record = json.loads(path.read_text())
+    record["score"] = 12.5  # same settings, other result
+    path.write_text(json.dumps(record))
+    out = tmp_path / "board"
+    failed = invoke(["leaderboard", "build", "--results", str(first), "--results", str(second), "--out", str(out)])
+    assert failed.exit_code == 2
+    assert str(first / path.name) in failed.stderr and str(path) in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1

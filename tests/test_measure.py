@@ -304,4 +304,4 @@ def test_latency_summary_uses_medians_and_decode_steps():
             {"vision": 2.0, "prefill": 5.0, "decode": 6.0, "end_to_end": 10.0}]
     summary = summarise_latency(runs, [3, 3, 3])
     assert summary == {"vision": 2.0, "prefill": 2.0, "ttft": 5.0, "decode_per_token": 3.0,
-                       "end_to_end": 10.0, "repeats": 3}
+                       "end_to_end": 10.0, "repeats": 3, "ttft_iqr": [4.0, 6.0], "end_to_end_iqr": [9.0, 15.0]}

@@ -36,3 +36,21 @@ def test_ci_runs_the_readme_quickstart_commands():
                             f"cd {ROOT} && readme_command {marker}")],
             capture_output=True, text=True, check=True).stdout.strip()
         assert extracted == command
+
+
+def test_example_plugin_types_its_option_so_a_typo_is_rejected(tmp_path):
+    import pytest
+
+    from tokenbench.config import ConfigError, parse_option_assignments
+
+    (tmp_path / "outliers.py").write_text(block_after("example-plugin"))
+    registry = load_registry(tmp_path, entry_points=False)
+    with pytest.raises(ConfigError, match=r"outliers\.reference=medain: .*'mean' or 'median'"):
+        parse_option_assignments(("outliers.reference=medain",), ["outliers"], registry)
+    assert "`Literal`" in README  # and the README says options should be typed that way
+
+
+def test_readme_installs_from_the_repository_not_from_an_index():
+    prose = " ".join(README.split())
+    assert not re.search(r"pip install \"?tokenbench\b", prose)
+    assert "not published on a package index" in prose and "pip wheel . --no-deps -w dist" in prose

@@ -14,6 +14,7 @@ from tokenbench.results import (
     load_run_records,
     record_key,
     run_file_name,
+    settings_key,
     write_run_record,
 )
 from tokenbench.stats import agreement, bootstrap_relative, compare, units
@@ -51,11 +52,11 @@ def test_output_dir_guard(tmp_path):
     directory = tmp_path / "out"
     claim_output_dir(directory, {"limit": 10})
     claim_output_dir(directory, {"limit": 10})  # same arguments: resume
-    with pytest.raises(OutputDirError, match=r"other arguments \(limit: 10 -> 20\).*another --output or delete"):
-        claim_output_dir(directory, {"limit": 20})
+    claim_output_dir(directory, {"limit": 20})  # other arguments: the directory grows
     manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["runs"] == [{"limit": 10}, {"limit": 20}]
     (directory / "manifest.json").write_text(json.dumps(manifest | {"schema_version": 99}))
-    with pytest.raises(OutputDirError, match="schema version 99"):
+    with pytest.raises(OutputDirError, match=r"schema version 99.*--output .*out-v1.*rm -r"):
         claim_output_dir(directory, {"limit": 10})
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -67,8 +68,23 @@ def test_output_dir_guard(tmp_path):
 def test_run_records_round_trip(tmp_path):
     record = {"schema_version": 1, "model": "m/x", "task": "t", "method": "apet", "budget": "11.1%", "score": 1.0}
     path = write_run_record(tmp_path, record)
-    assert path.name == run_file_name("m/x", "t", "apet", "11.1%") == "m_x__t__apet__11.1pct.json"
+    assert path.name == run_file_name("m/x", "t", "apet", "11.1%", settings_key(record))
+    assert path.name.startswith("m_x__t__apet__11.1pct__")
     assert [r for _, r in load_run_records([tmp_path])] == [record]
+
+
+def test_run_records_of_other_settings_do_not_overwrite_each_other(tmp_path):
+    """Issue 15: a record per (model, task, method, budget, settings)."""
+    record = {"schema_version": 1, "model": "m", "task": "t", "method": "apet", "budget": "64", "score": 1.0,
+              "provenance": {"limit": None, "seed": 0}}
+    first = write_run_record(tmp_path, record)
+    limited = json.loads(json.dumps(record))
+    limited["provenance"]["limit"] = 8
+    limited["score"] = 2.0
+    second = write_run_record(tmp_path, limited)
+    assert first != second
+    assert sorted(r["score"] for _, r in load_run_records([tmp_path])) == [1.0, 2.0]
+    assert write_run_record(tmp_path, record | {"score": 3.0}) == first  # same settings: replaced
 
 
 def _records(correct: list[int], predictions: list[str]) -> list[dict]:

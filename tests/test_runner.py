@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,10 @@ def test_measurements_and_statistics_in_the_records(faulty_run):
     assert 0 < random64["flops"]["prefill"] < records[0]["flops"]["prefill"]
     assert random64["flash_attention"]["class"] == "native"
     assert set(random64["latency_ms"]) >= {"vision", "prefill", "ttft", "decode_per_token", "end_to_end"}
+    latency = random64["latency_ms"]  # issue 15: the spread and the number of timed runs, with the CPU load
+    assert latency["repeats"] == 9 and latency["ttft_iqr"][0] <= latency["ttft"] <= latency["ttft_iqr"][1]
+    assert latency["end_to_end_iqr"][0] <= latency["end_to_end"] <= latency["end_to_end_iqr"][1]
+    assert random64["timing_conditions"]["device_type"] == "cpu" and random64["timing_conditions"]["cpus"] >= 1
     assert random64["peak_memory_bytes"] > 0 and random64["kv_cache_bytes"] > 0
     assert random64["n_paired"] == 4 and 0 <= random64["agreement"] <= 1
     if random64["relative"] is not None:
@@ -99,13 +104,28 @@ def test_measurements_and_statistics_in_the_records(faulty_run):
                                    for f in files)
 
 
-def test_output_dir_of_other_arguments_or_schema_is_refused(faulty_run, tmp_path):
-    output, _ = faulty_run
-    result = invoke(base_args(Path(json.loads((output / "manifest.json").read_text())["arguments"]
-                                   ["model_location"]), output, "--methods", "random", "--budgets", "64"))
-    assert result.exit_code == 2
-    assert "holds results of a run with other arguments" in result.stderr
-    assert "use another --output or delete" in result.stderr
+def test_a_results_folder_grows_with_runs_of_other_arguments(faulty_run, tiny_llava_dir, tmp_path):
+    """Issue 15: other methods, budgets or limits in the same --output reuse every finished sample
+    (the baseline's included), add their own, and never overwrite a record of other settings."""
+    output, log = tmp_path / "grown", tmp_path / "scored.log"
+    shutil.copytree(faulty_run[0], output)
+    before = {p.name: p.read_text() for p in (output / "runs").glob("*.json")}
+    env = {"TINY_FAULTS": "1", "TINY_SAMPLES": "3", "TINY_SCORE_LOG": str(log)}
+    more = invoke(base_args(tiny_llava_dir, output, "--methods", "random", "--budgets", "32", "--limit", "6",
+                            "--no-efficiency", "--json"), env=env)
+    assert more.exit_code == 0, more.output
+    assert sorted(log.read_text().split()) == ["boom", "s0", "s1", "s2"]  # random@32 only: baseline reused
+    assert "tiny: 6 of 12 samples already done" in more.stderr and "skipped" in more.stderr
+    log.write_text("")
+    fewer = invoke(base_args(tiny_llava_dir, output, "--methods", "random", "--budgets", "64", "--limit", "4",
+                             "--no-efficiency", "--json"), env=env)
+    assert fewer.exit_code == 0, fewer.output
+    assert log.read_text() == ""  # every sample was already there
+    limited = json.loads(fewer.stdout)
+    assert [r["n_samples"] for r in limited] == [4, 4] and limited[0]["provenance"]["limit"] == 4
+    after = {p.name: p.read_text() for p in (output / "runs").glob("*.json")}
+    assert {name: after[name] for name in before} == before  # nothing of the first run overwritten
+    assert len(after) == len(before) + 3  # random@32, and none and random@64 at limit 4
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
@@ -119,7 +139,8 @@ def test_schema_version_mismatch_is_refused(tiny_llava_dir, tmp_path):
     (output / "manifest.json").write_text(json.dumps({"schema_version": 0, "arguments": {}}))
     result = invoke(base_args(tiny_llava_dir, output, "--methods", "random"))
     assert result.exit_code == 2
-    assert "schema version 0" in result.stderr and "use another --output or delete" in result.stderr
+    assert "schema version 0" in result.stderr and f"--output {output}-v1" in result.stderr
+    assert f"rm -r '{output}'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_model_config_runs_efficiency_only(tiny_llava_dir, tmp_path):
@@ -275,3 +296,136 @@ def test_run_without_json_prints_the_tables(faulty_run, tiny_llava_dir):
     assert "tokenbench leaderboard" not in result.stdout.splitlines()[0]
     assert f"results: {output}/" in result.stderr
 
+
+
+# ------------------------------------------------------------------------------------------ issue 15
+
+PLUGIN_FILE = PLUGINS / "tiny_runner_plugin.py"
+
+
+def _messages(stderr: str) -> list[str]:
+    """stderr without transformers' weight-loading progress bar."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("Loading weights")]
+
+
+def _line_of(marker: str) -> int:
+    return next(n for n, line in enumerate(PLUGIN_FILE.read_text().splitlines(), start=1) if marker in line)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tiny_llava_dir, tmp_path_factory):
+    """A method over budget, one that fails every sample and one that reads an undeclared signal,
+    beside one that works."""
+    output = tmp_path_factory.mktemp("mixed") / "out"
+    result = invoke(base_args(tiny_llava_dir, output, "--methods", "random,greedy,doomed,sneaky",
+                              "--budgets", "64", "--no-efficiency"), env={"TINY_SAMPLES": "3"})
+    records = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
+               for p in (output / "runs").glob("*.json")}
+    return result, records
+
+
+def test_an_arm_failing_every_sample_fails_the_run_after_the_others_with_its_first_error(mixed_run):
+    result, records = mixed_run
+    assert result.exit_code == 1
+    assert set(records) == {"none", "random", "greedy", "doomed", "sneaky"}  # the other arms finished
+    assert records["random"]["n_errors"] == 0 and records["doomed"]["n_errors"] == 3
+    assert "| random" in result.stdout  # the tables still print
+    errors = [line for line in result.stderr.splitlines() if line.startswith("tokenbench: error:")]
+    doomed = next(line for line in errors if "doomed@64" in line)
+    assert "failed on all 3 samples" in doomed and "ValueError: doomed never keeps anything" in doomed
+    assert doomed.endswith(f"(raised at {PLUGIN_FILE}:{_line_of('DOOMED-LINE')})")
+    assert records["doomed"]["first_error"]["at"] == f"{PLUGIN_FILE}:{_line_of('DOOMED-LINE')}"
+
+
+def test_reading_an_undeclared_signal_names_the_missing_declaration(mixed_run):
+    result, records = mixed_run
+    error = records["sneaky"]["first_error"]
+    assert error["error"].startswith("UndeclaredSignal: method 'sneaky' reads x.text but does not declare it: "
+                                     "add 'text' to its needs")
+    assert error["at"] == f"{PLUGIN_FILE}:{_line_of('SNEAKY-LINE')}"
+    assert "sneaky@64 on tiny failed on all 3 samples" in result.stderr
+
+
+def test_over_budget_results_are_counted_and_marked_in_the_run_tables(mixed_run):
+    result, records = mixed_run
+    greedy, random64 = records["greedy"], records["random"]
+    assert greedy["realised_tokens"] == 128.0 and greedy["budget_tokens"] == 64.0
+    assert greedy["over_budget"] is True and greedy["n_over_budget"] == 3
+    assert random64["over_budget"] is False and random64["n_over_budget"] == 0
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    methods = [row.split("|")[1].strip() for row in rows[1:]]
+    assert methods[-1] == "greedy" and "⚠ over budget" in rows[-1]
+    assert "⚠" not in next(row for row in rows if row.startswith("| random"))
+
+
+def test_a_site_outside_the_model_is_refused_before_the_run(tiny_llava_dir, tmp_path):
+    output = tmp_path / "deep"
+    result = invoke(base_args(tiny_llava_dir, output, "--methods", "deep", "--budgets", "64"),
+                    env={"TINY_SAMPLES": "2"})
+    assert result.exit_code == 2
+    assert _messages(result.stderr) == [("tokenbench: error: method 'deep' at budget 64 schedules a site at "
+                                         "llm:40, outside this model's 4 llm layers (0..3)")]
+    assert not (output / "samples.jsonl").exists()
+
+
+def test_a_budget_above_the_image_tokens_is_refused(tiny_llava_dir, tmp_path):
+    result = invoke(base_args(tiny_llava_dir, tmp_path / "big", "--methods", "random", "--budgets", "64,1000"),
+                    env={"TINY_SAMPLES": "2"})
+    assert result.exit_code == 2
+    assert "--budgets 1000: the model's images have 576 visual tokens" in result.stderr
+    assert len(_messages(result.stderr)) == 1
+
+
+def test_a_corrupt_checkpoint_is_one_line(tiny_llava_dir, tmp_path):
+    model = tmp_path / "corrupt"
+    shutil.copytree(tiny_llava_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # truncated copy
+    result = invoke(base_args(model, tmp_path / "out", "--methods", "random"), env={"TINY_SAMPLES": "2"})
+    assert result.exit_code == 2
+    assert _messages(result.stderr)[0].startswith(f"tokenbench: error: cannot load model '{model}' from {model}:")
+    assert _messages(result.stderr)[0].endswith("truncated or corrupt: copy or save the checkpoint again")
+    assert len(_messages(result.stderr)) == 1
+
+
+def test_unreadable_task_data_are_one_line(tmp_path):
+    data = tmp_path / "data"
+    (data / "POPE" / "data").mkdir(parents=True)
+    (data / "POPE" / "data" / "test-00000-of-00001.parquet").write_bytes(b"PAR1 this is not parquet")
+    result = invoke(["run", "--tasks", "pope", "--data-dir", str(data), "--methods", "random",
+                     "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("tokenbench: error:") and "pope" in result.stderr
+    assert len(_messages(result.stderr)) == 1
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"HF_HUB_OFFLINE": "1"}, "is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "the Hugging Face hub (http://127.0.0.1:9) is unreachable"),
+])
+def test_a_hub_id_without_network_says_how_to_use_a_local_copy(tmp_path, env, says):
+    result = invoke(["run", "--model", "llava-hf/llava-1.5-7b-hf", "--tasks", "tiny", "--methods", "random",
+                     "--output", str(tmp_path / "out")], env=env | {"HF_HOME": str(tmp_path / "hf")})
+    assert result.exit_code == 2
+    assert says in result.stderr and "give --model DIR" in result.stderr
+    assert len(_messages(result.stderr)) == 1
+
+
+def test_generation_raises_no_deprecation_warning(tiny_llava_dir):
+    """transformers 5.24 renamed the decoder layers' past_key_values argument to cache."""
+    import warnings
+
+    import torch
+    from PIL import Image
+
+    from tokenbench.adapters.base import Prompt
+    from tokenbench.plugins import load_registry
+    from tokenbench.runner import DTYPES
+
+    registry = load_registry()
+    adapter = registry.adapter_for("llava").load(str(tiny_llava_dir), dtype=DTYPES["float32"], attn="sdpa",
+                                                 device=torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapter.generate([Prompt(Image.new("RGB", (64, 64)), "what color ?")], max_new_tokens=3)
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]

@@ -53,6 +53,14 @@ class TokenbenchGroup(click.Group):
             sys.exit(2)
         sys.exit(code if isinstance(code, int) else 0)
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list with each command's whole first sentence (click cuts it to the width)."""
+        rows = [(name, command.get_short_help_str(limit=500)) for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
 
 def _registry(ctx: click.Context) -> Registry:
     obj = ctx.find_root().ensure_object(dict)
@@ -115,8 +123,9 @@ def tasks(ctx: click.Context, validate: bool, data_dir: str | None, names: tuple
     selected = [registry.task(n) for n in names] if names else [registry.tasks[n] for n in sorted(registry.tasks)]
     if not validate:
         rows = [[t.name, t.primary_metric, t.source or "-", t.description or "-",
-                 registry.owner[("task", t.name)].label] for t in selected]
-        click.echo(tabulate(rows, headers=["task", "primary metric", "source", "description", "plugin"]))
+                 registry.owner[("task", t.name)].name] for t in selected]  # `tokenbench plugins` has the rest
+        click.echo(tabulate(rows, headers=["task", "primary metric", "source", "description", "plugin"],
+                            maxcolwidths=[None, 16, 22, 42, 16]))
         return
     from tokenbench.tasks.validate import validate_task
 
@@ -153,15 +162,18 @@ def models(ctx: click.Context) -> None:
               help="Layer-averaged visual tokens per method: counts (192,128,64) or ratios (11.1%).")
 @click.option("--tasks", "tasks_text", default="shapes", show_default=True, help="Comma-separated tasks.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Samples per task.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
-@click.option("--output", type=click.Path(file_okay=False), default="tokenbench-results", show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed of the methods' random generator and of the bootstrap.")
+@click.option("--output", type=click.Path(file_okay=False), default="tokenbench-results", show_default=True,
+              help="Results directory; runs with other methods, budgets, tasks or limits add to it and "
+                   "reuse every finished sample.")
 @click.option("-o", "option_assignments", multiple=True, metavar="METHOD.KEY=VALUE",
               help="Set a method option; repeatable.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True)
+              show_default=True, help="Precision the model runs in.")
 @click.option("--attn", type=click.Choice(["sdpa", "flash_attention_2", "eager"]), default="sdpa",
-              show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+              show_default=True, help="Attention implementation the model loads with.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Local copy of benchmark data.")
@@ -194,6 +206,8 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
     task_names = [t.strip() for t in tasks_text.split(",") if t.strip()]
     if not task_names:
         raise ConfigError("--tasks is empty; give e.g. --tasks shapes")
+    if duplicates := sorted({t for t in task_names if task_names.count(t) > 1}):
+        raise ConfigError(f"--tasks names {', '.join(duplicates)} twice; give each task once")
     for name in task_names:
         registry.task(name)
     if data_dir is not None and not Path(data_dir).is_dir():
@@ -238,6 +252,15 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         click.echo(render_markdown(records, page=False))
         click.echo(f"results: {config.output}/ (render them with 'tokenbench leaderboard build "
                    f"--results {config.output}')", err=True)
+    failed = [r for r in records if r.get("n_samples") and r.get("n_errors") == r["n_samples"]]
+    for record in failed:
+        first = record.get("first_error") or {}
+        where = f" (raised at {first['at']})" if first.get("at") else ""
+        arm = record["method"] + (f"@{record['budget']}" if record.get("budget") else "")
+        click.echo(f"tokenbench: error: {arm} on {record['task']} failed on all {record['n_samples']} samples; "
+                   f"first error: {first.get('error')}{where}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 @cli.group()

@@ -197,16 +197,33 @@ class Timer:
             self.elapsed_ms = (time.perf_counter() - begin) * 1000.0
 
 
-def summarise_latency(runs: Sequence[dict[str, float]], generated: Sequence[int]) -> dict[str, float]:
+def summarise_latency(runs: Sequence[dict[str, float]], generated: Sequence[int]) -> dict[str, Any]:
     """Medians over repeated runs: vision, prefill, time to first token (vision + prefill), decode
-    per token (decode time / decode steps), end to end; plus the number of timed runs."""
+    per token (decode time / decode steps), end to end; the spread of time to first token and end
+    to end as their first and third quartiles (``ttft_iqr``, ``end_to_end_iqr``); and the number of
+    timed runs (``repeats``)."""
     per_token = [r.get("decode", 0.0) / max(g - 1, 1) for r, g in zip(runs, generated)]
+    ttft = [r.get("vision", 0.0) + r.get("prefill", 0.0) for r in runs]
+    end_to_end = [r["end_to_end"] for r in runs]
     return {"vision": median([r.get("vision", 0.0) for r in runs]),
             "prefill": median([r.get("prefill", 0.0) for r in runs]),
-            "ttft": median([r.get("vision", 0.0) + r.get("prefill", 0.0) for r in runs]),
+            "ttft": median(ttft), "ttft_iqr": quartiles(ttft),
             "decode_per_token": median(per_token),
-            "end_to_end": median([r["end_to_end"] for r in runs]),
+            "end_to_end": median(end_to_end), "end_to_end_iqr": quartiles(end_to_end),
             "repeats": len(runs)}
+
+
+def quartiles(values: Sequence[float]) -> list[float]:
+    """First and third quartile (linear interpolation between order statistics)."""
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        position = q * (len(ordered) - 1)
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    return [at(0.25), at(0.75)]
 
 
 # --------------------------------------------------------------------------------------------- memory

@@ -2,12 +2,15 @@
 
 An output directory holds
 
-- ``manifest.json``: the schema version and the arguments that produced the directory; a run with
-  other arguments or another schema refuses to write there (never a silent overwrite);
+- ``manifest.json``: the schema version, and the arguments of every run that wrote there. Runs with
+  other methods, budgets, tasks or limits share the directory: each reuses every finished sample
+  (the baseline's included) and adds its own. Only another schema version is refused;
 - ``samples.jsonl``: one line per finished sample (accuracy pass) or per finished efficiency
   measurement, each with a ``key`` hashed from everything that determines its output; a rerun skips
   every key already there, so nothing finished is recomputed;
-- ``runs/<model>__<task>__<method>__<budget>.json``: one public run record each.
+- ``runs/<model>__<task>__<method>__<budget>__<settings>.json``: one public run record each, where
+  ``<settings>`` hashes everything else that changes the record (options, limit, seed, dtype,
+  attention, data, ...), so a run with other settings never overwrites it.
 
 Public, stable fields of a run record (``SCHEMA_VERSION`` changes when one of them changes meaning):
 
@@ -23,10 +26,16 @@ Public, stable fields of a run record (``SCHEMA_VERSION`` changes when one of th
   LLM prefill + LM head on the last token + probe rows) and ``decode``, the parts, and the FastV
   paper's count under ``fastv_macs`` (MAC, LLM only) — see :mod:`tokenbench.measure`;
 - ``latency_ms``: medians of batch-1 runs (``vision``, ``prefill``, ``ttft``, ``decode_per_token``,
-  ``end_to_end``, ``repeats``); ``peak_memory_bytes`` (with ``peak_memory_kind``);
+  ``end_to_end``), their spread (``ttft_iqr``, ``end_to_end_iqr``: first and third quartile) and the
+  number of timed runs ``repeats``; ``timing_conditions`` (device type, CPUs, threads, the 1-minute
+  load average while timing); ``peak_memory_bytes`` (with ``peak_memory_kind``);
 - ``flash_attention``: ``class`` measured under the forced flash SDPA kernel (native / probe / eager
   / fails) with ``declared``, ``probe_rows``, ``probe_ms``, and ``flash_attention_2`` where run;
-- ``n_samples``, ``n_errors`` (with ``errors`` by kind), ``infeasible`` (the method's reason, or null);
+- ``n_samples``, ``n_errors`` (with ``errors`` by kind, and ``first_error``: the first failing
+  sample's error and where it was raised), ``infeasible`` (the method's reason, or null);
+- ``budget_tokens``: the token target the budget asks for (mean over samples); ``over_budget``: the
+  realised tokens exceed it by more than :data:`OVER_BUDGET_TOLERANCE`; ``n_over_budget``: how
+  many samples did;
 - ``provenance``: tokenbench version and git sha, torch / transformers / python versions, device
   name and type, hardware fingerprint, threads, dtype, attention backend, seed, method options,
   model location, limit, max_new_tokens, batch size, random weights.
@@ -59,6 +68,7 @@ except ImportError:  # not POSIX: no lock
 from tokenbench.config import ConfigError
 
 SCHEMA_VERSION = 1
+OVER_BUDGET_TOLERANCE = 0.02  # realised tokens beyond budget × 1.02 are over budget
 PUBLIC_FIELDS = ("schema_version", "model", "task", "method", "budget", "score", "metrics", "relative",
                  "realised_tokens", "realised_ratio", "flops", "latency_ms", "peak_memory_bytes",
                  "flash_attention", "n_samples", "n_errors", "provenance")
@@ -210,55 +220,63 @@ class SampleStore:
 # ------------------------------------------------------------------------------------ output directory
 
 def claim_output_dir(directory: Path, arguments: dict[str, Any]) -> None:
-    """Create ``directory`` for a run with ``arguments`` or check that it already belongs to one with
-    the same arguments and schema; raise :class:`OutputDirError` otherwise."""
+    """Create ``directory`` for a run with ``arguments``, or join it when it already holds results of
+    this schema version (whatever their arguments: every record is keyed by what determines it);
+    raise :class:`OutputDirError` for another schema version or a directory that is not ours."""
     manifest_path = directory / "manifest.json"
-    manifest = {"schema_version": SCHEMA_VERSION, "arguments": arguments}
     if directory.exists() and not directory.is_dir():
         raise OutputDirError(f"--output '{directory}' is a file; give a directory")
+    runs: list[dict[str, Any]] = []
     if manifest_path.exists():
         try:
             existing = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError):
             existing = {}
-        how = f"use another --output or delete '{directory}'"
         if existing.get("schema_version") != SCHEMA_VERSION:
             raise OutputDirError(f"--output '{directory}' holds results of schema version "
-                                 f"{existing.get('schema_version')}, this tokenbench writes "
-                                 f"{SCHEMA_VERSION}; {how}")
-        old = existing.get("arguments", {})
-        if old != arguments:
-            changed = sorted(k for k in set(old) | set(arguments) if old.get(k) != arguments.get(k))
-            detail = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(arguments.get(k))}" for k in changed[:3])
-            raise OutputDirError(f"--output '{directory}' holds results of a run with other arguments "
-                                 f"({detail}); {how}")
-        return
-    if directory.is_dir() and any(directory.iterdir()):
+                                 f"{existing.get('schema_version')}, this tokenbench writes {SCHEMA_VERSION}; "
+                                 f"give a new folder (--output {directory}-v{SCHEMA_VERSION}) or remove the "
+                                 f"old one (rm -r '{directory}')")
+        runs = existing.get("runs") or ([existing["arguments"]] if existing.get("arguments") else [])
+    elif directory.is_dir() and any(directory.iterdir()):
         raise OutputDirError(f"--output '{directory}' is not empty and is not a tokenbench results "
                              f"directory; use another --output or delete '{directory}'")
+    if arguments not in runs:
+        runs.append(arguments)
+    manifest = {"schema_version": SCHEMA_VERSION, "runs": runs}
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        tmp = manifest_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        tmp.replace(manifest_path)
     except OSError as exc:
         raise OutputDirError(f"--output '{directory}' cannot be created ({exc.strerror}); give a "
                              f"writable directory") from None
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 # -------------------------------------------------------------------------------------- run records
 
-def run_file_name(model: str, task: str, method: str, budget: str | None) -> str:
-    parts = [model, task, method, budget if budget is not None else "full"]
+def run_file_name(model: str, task: str, method: str, budget: str | None, settings: str | None = None) -> str:
+    parts = [model, task, method, budget if budget is not None else "full"] + ([settings] if settings else [])
     return "__".join(re.sub(r"[^A-Za-z0-9.+-]", "_", p.replace("%", "pct")) for p in parts) + ".json"
 
 
+# what, besides model, task, method and budget, changes a run record's numbers
+SETTINGS = ("model_location", "options", "limit", "seed", "dtype", "attention_backend", "max_new_tokens",
+            "random_weights", "data_dir", "accuracy", "protocol", "scoring")
+
+
+def settings_key(record: dict[str, Any]) -> str:
+    """A short hash of the record's :data:`SETTINGS` (from its provenance): records of one model,
+    task, method and budget with equal keys are the same computation."""
+    provenance = record.get("provenance") or {}
+    return record_key(**{name: provenance.get(name) for name in SETTINGS})[:10]
+
+
 def write_run_record(directory: Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` under ``directory/runs``, named by model, task, method, budget and settings."""
     path = directory / "runs" / run_file_name(record["model"], record["task"], record["method"],
-                                              record["budget"])
+                                              record["budget"], settings_key(record))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

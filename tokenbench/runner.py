@@ -5,16 +5,22 @@ finished sample is appended to ``samples.jsonl`` at once, keyed by what determin
 rerun resumes and a kill loses at most the batch in flight), then a **FlashAttention probe** (one
 sample under the forced flash SDPA kernel) and, unless disabled, an **efficiency pass** (batch 1,
 one warm-up, ``EFFICIENCY_REPEATS`` timed runs over ``EFFICIENCY_SAMPLES`` samples). Finally it
-writes one run JSON per (model, task, method, budget) with statistics against the baseline.
+writes one run JSON per (model, task, method, budget, settings) with statistics against the baseline.
 
 Faults stay local: a sample whose image fails to decode, whose prompt exceeds the model's context,
-or on which the method raises gets a record with the error and the run goes on; a budget the method
-cannot meet (``Infeasible``) gives a run record with the reason.
+or on which the method raises gets a record with the error (and, for an exception, the file and line
+that raised it) and the run goes on; a budget the method cannot meet (``Infeasible``) gives a run
+record with the reason. What cannot work at all fails before any sample runs, in one line: a model
+that does not load, task data that do not read, a count budget above the image's token count, a
+site outside the model's layers.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 import tokenbench
-from tokenbench.adapters.base import AdapterError, Generation, Prompt, TokenTrace, VLMAdapter
+from tokenbench.adapters.base import Generation, Prompt, TokenTrace, VLMAdapter
 from tokenbench.budget import Budget
-from tokenbench.compressor import Infeasible, TokenCompressor
+from tokenbench.compressor import Infeasible, ModelInfo, Stage, TokenCompressor
 from tokenbench.config import ConfigError, MethodSpec, RunConfig
 from tokenbench.measure import (
     PeakMemory,
@@ -41,6 +47,7 @@ from tokenbench.measure import (
 from tokenbench.plugins import Registry
 from tokenbench.results import (
     BASELINE,
+    OVER_BUDGET_TOLERANCE,
     SCHEMA_VERSION,
     SampleStore,
     claim_output_dir,
@@ -48,8 +55,9 @@ from tokenbench.results import (
     record_key,
     write_run_record,
 )
+from tokenbench.signal_guard import guard_signals
 from tokenbench.stats import compare
-from tokenbench.tasks.base import Sample, Task
+from tokenbench.tasks.base import Sample, Task, TaskDataError
 
 EFFICIENCY_SAMPLES = 3
 EFFICIENCY_REPEATS = 3
@@ -128,19 +136,48 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
     weights, for timing model shapes without a checkpoint."""
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {config.device}: CUDA is not available here; use --device cpu")
+    if config.model.model_type is None and not random_weights and not Path(config.model.location).exists():
+        from tokenbench.hub import unreachable_reason
+
+        if reason := unreachable_reason(config.model.location):  # at once, not after the hub's retries
+            raise ConfigError(f"cannot load model '{config.model.name}': {reason}")
     claim_output_dir(config.output, run_arguments(config, accuracy) | {"random_weights": random_weights})
+    tasks = {name: load_task(name, config, registry) for name in config.tasks}
     try:
         adapter = load_adapter(config, registry, random_weights)
-    except (OSError, AdapterError, ValueError) as exc:  # missing files, offline hub id, bad config
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot load model '{config.model.name}': {first}") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- missing or corrupt files, bad config: one line, exit 2
+        hint = ("; a *.safetensors file there is truncated or corrupt: copy or save the checkpoint again"
+                if "safetensor" in type(exc).__name__.lower() else "")
+        raise ConfigError(f"cannot load model '{config.model.name}' from {config.model.location}: "
+                          f"{_describe(exc)[:300]}{hint}") from None
     harness = Harness(config, registry, adapter, accuracy=accuracy, random_weights=random_weights)
+    harness.check_plans()
     records: list[dict[str, Any]] = []
     with SampleStore(config.output / "samples.jsonl") as store:
         harness.store = store
-        for task_name in config.tasks:
-            records += harness.run_task(task_name)
+        for task, samples in tasks.values():
+            records += harness.run_task(task, samples)
     return records
+
+
+def load_task(name: str, config: RunConfig, registry: Registry) -> tuple[Task, list[Sample]]:
+    """The task and its samples, read before the model loads; unreadable data are one line (the
+    ``datasets`` library's own error log, which says the same at length, is held back)."""
+    disabled = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        task: Task = registry.task(name)(config.data_dir)
+        task.scoring = config.scoring
+        return task, list(task.samples(config.limit))
+    except TaskDataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- unreadable files (parquet, arrow, ...): one line, exit 2
+        where = f" under --data-dir {config.data_dir}" if config.data_dir else ""
+        raise TaskDataError(f"task '{name}': cannot read its data{where}: {_describe(exc)[:300]}") from None
+    finally:
+        logging.disable(disabled)
 
 
 class Harness:
@@ -163,13 +200,30 @@ class Harness:
                           method=arm.spec.name, options=arm.spec.options,
                           budget=arm.budget.label if arm.budget else None, seed=self.config.seed,
                           dtype=self.config.dtype, attn=self.config.attn, version=tokenbench.__version__,
-                          max_new_tokens=task.max_new_tokens)
+                          max_new_tokens=task.max_new_tokens, protocol=getattr(self.adapter, "protocol", "hf"),
+                          scoring=getattr(task, "scoring", "official"))
 
     # ------------------------------------------------------------------------------------- task
-    def run_task(self, task_name: str) -> list[dict[str, Any]]:
-        task: Task = self.registry.task(task_name)(self.config.data_dir)
-        task.scoring = self.config.scoring
-        samples = list(task.samples(self.config.limit))
+    def check_plans(self) -> None:
+        """Before any sample runs: every count budget fits the image's visual tokens, and every site a
+        method schedules lies inside this model's layers (raises ConfigError)."""
+        info = self.adapter.info()
+        for budget in self.config.budgets:
+            if budget.tokens is not None and budget.tokens > info.n_visual:
+                raise ConfigError(f"--budgets {budget.label}: the model's images have {info.n_visual} visual "
+                                  f"tokens, so this budget would keep them all; give at most {info.n_visual} "
+                                  f"or a percentage")
+        for arm in arms(self.config)[1:]:
+            try:
+                plan = self._compressor(arm).schedule(info.n_visual, arm.budget.target(info.n_visual), info)
+            except Infeasible:
+                continue  # recorded per arm by run_task
+            for site, _ in plan:
+                if problem := _site_problem(site.stage, site.layer, info):
+                    raise ConfigError(f"method '{arm.spec.name}' at budget {arm.budget.label} schedules a "
+                                      f"site at {site.stage}:{site.layer}, {problem}")
+
+    def run_task(self, task: Task, samples: list[Sample]) -> list[dict[str, Any]]:
         live: list[tuple[Arm, TokenCompressor | None]] = []
         infeasible: dict[str, str] = {}  # by arm label
         for arm in arms(self.config):
@@ -196,7 +250,7 @@ class Harness:
         return out
 
     def _compressor(self, arm: Arm) -> TokenCompressor | None:
-        return None if arm.budget is None else arm.spec.build(self.registry)
+        return None if arm.budget is None else guard_signals(arm.spec.build(self.registry))
 
     def _infeasible(self, compressor: TokenCompressor | None, arm: Arm) -> str | None:
         """The method's own verdict on this budget for the model's default image (checked again
@@ -217,6 +271,9 @@ class Harness:
         samples already in the store are skipped. Returns the records per arm label."""
         keys = {arm.label: [self._key("sample", task, arm, s.id) for s in samples] for arm, _ in live}
         done = sum(k in self.store for ks in keys.values() for k in ks)
+        if done:
+            tqdm.write(f"tokenbench: {task.name}: {done} of {len(samples) * len(live)} samples already done in "
+                       f"{self.store.path}; skipped", file=sys.stderr)
         with tqdm(total=len(samples) * len(live), initial=done, desc=f"{task.name} accuracy", unit="sample",
                   file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
             for chunk in _chunks(range(len(samples)), self.config.batch_size):
@@ -257,7 +314,7 @@ class Harness:
             if len(ready) == 1:
                 sample, key, _ = ready[0]
                 return records + [self._error_record(task, arm, sample, key, _describe(exc),
-                                                     retry=is_transient(exc))]
+                                                     retry=is_transient(exc), at=_raised_at(exc, compressor))]
             # isolate the failing sample(s): retry one by one
             for sample, key, _ in ready:
                 records += self._run_batch(task, arm, compressor, [(sample, key)], prompts)
@@ -279,11 +336,12 @@ class Harness:
                 "meta": sample.meta}
 
     def _error_record(self, task: Task, arm: Arm, sample: Sample, key: str, error: str,
-                      retry: bool = False) -> dict[str, Any]:
-        """A failed sample. ``retry``: the failure was the machine's, not the sample's (see
-        :func:`is_transient`); the record counts as an error in this run, and a resumed run
-        computes the sample again."""
-        record = self._base_record(task, arm, sample, key) | {"prediction": None, "scores": None, "error": error}
+                      retry: bool = False, at: str | None = None) -> dict[str, Any]:
+        """A failed sample (``at``: the file and line that raised). ``retry``: the failure was the
+        machine's, not the sample's (see :func:`is_transient`); the record counts as an error in this
+        run, and a resumed run computes the sample again."""
+        record = self._base_record(task, arm, sample, key) | {"prediction": None, "scores": None, "error": error,
+                                                              "error_at": at}
         return record | {"retry": True} if retry else record
 
     def _sample_record(self, task: Task, arm: Arm, sample: Sample, key: str,
@@ -309,8 +367,10 @@ class Harness:
         """FlashAttention probe (always) and, with --efficiency, batch-1 timings and peak memory
         over the first few samples that succeeded in the accuracy pass (stored, so resumable)."""
         key = self._key("efficiency" if self.config.efficiency else "flash", task, arm)
-        if key in self.store:
-            return self.store.get(key)  # type: ignore[return-value]
+        timed = self._key("efficiency", task, arm)  # a timed pass also serves a --no-efficiency run
+        for found in (key, timed):
+            if found in self.store:
+                return self.store.get(found)  # type: ignore[return-value]
         ok = [s for s, r in zip(samples, records) if not r.get("error")] if self.accuracy else list(samples)
         ok = ok[:EFFICIENCY_SAMPLES]
         result: dict[str, Any] = {"key": key, "kind": "efficiency", "task": task.name,
@@ -358,6 +418,7 @@ class Harness:
     def _time(self, prompts: Sequence[Prompt], compressor: TokenCompressor | None, arm: Arm,
               task: Task) -> dict[str, Any]:
         self._generate(prompts[:1], compressor, arm, task)  # warm-up
+        load_before = _load_average()
         runs: list[dict[str, float]] = []
         generated: list[int] = []
         traces: list[TokenTrace] = []
@@ -369,12 +430,16 @@ class Harness:
                 runs.append(dict(generation.timings_ms) | {"end_to_end": timer.elapsed_ms})
                 generated.append(generation.trace.generated_tokens)
                 traces.append(generation.trace)
+        load = [v for v in (load_before, _load_average()) if v is not None]
         memory = PeakMemory(self.device)  # apart from the timings: the CPU profiler slows the run
         with memory.measure():
             self._generate(prompts[:1], compressor, arm, task)
         flops = [flops_from_trace(self.arch, t) for t in traces[:len(prompts)]]
         realised = [t.realised_tokens for t in traces[:len(prompts)]]
-        return {"latency_ms": summarise_latency(runs, generated), "flops": mean_flops(flops),
+        conditions = {"device_type": self.device.type, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                      "load_average": max(load) if load else None}
+        return {"latency_ms": summarise_latency(runs, generated), "timing_conditions": conditions,
+                "flops": mean_flops(flops),
                 "realised_tokens": sum(realised) / len(realised),
                 "n_visual": sum(t.n_visual for t in traces[:len(prompts)]) / len(prompts),
                 "kv_cache_bytes": sum(kv_cache_bytes(self.arch, t, self.dtype) for t in traces[:len(prompts)])
@@ -393,7 +458,8 @@ class Harness:
                                          model_location=self.config.model.location)
                 | {"limit": self.config.limit, "max_new_tokens": task.max_new_tokens,
                    "batch_size": self.config.batch_size, "random_weights": self.random_weights,
-                   "protocol": getattr(self.adapter, "protocol", "hf")}
+                   "data_dir": str(self.config.data_dir) if self.config.data_dir else None,
+                   "accuracy": self.accuracy, "protocol": getattr(self.adapter, "protocol", "hf")}
                 | getattr(task, "provenance", dict)()}
 
     def _stages(self, arm: Arm, records: Sequence[dict[str, Any]]) -> list[str]:
@@ -408,7 +474,8 @@ class Harness:
             "score": None, "metrics": {}, "relative": None, "relative_ci": None, "agreement": None,
             "realised_tokens": None, "realised_ratio": None, "flops": None, "latency_ms": None,
             "peak_memory_bytes": None, "flash_attention": None, "kv_cache_bytes": None,
-            "n_samples": 0, "n_errors": 0, "infeasible": reason, "errors": {}}
+            "n_samples": 0, "n_errors": 0, "infeasible": reason, "errors": {}, "first_error": None,
+            "budget_tokens": None, "over_budget": None, "n_over_budget": None}
 
     def _run_record(self, task: Task, arm: Arm, records: Sequence[dict[str, Any]],
                     baseline: Sequence[dict[str, Any]], efficiency: dict[str, Any]) -> dict[str, Any]:
@@ -426,7 +493,9 @@ class Harness:
             if r.get("error"):
                 kind = r["error"].split(":", 1)[0]
                 errors[kind] = errors.get(kind, 0) + 1
-        return self._common(task, arm, ok) | {
+        first_error = next(({"sample_id": r["sample_id"], "error": r["error"], "at": r.get("error_at")}
+                            for r in records if r.get("error")), None)
+        return self._common(task, arm, ok) | self._budget_use(arm, traces, realised, n_visual) | {
             "score": score, "metrics": metrics, **stats,
             "realised_tokens": realised, "realised_ratio": realised / n_visual if realised and n_visual else None,
             "n_visual": n_visual, "flops": mean_flops([r["flops"] for r in ok]) or efficiency.get("flops"),
@@ -435,8 +504,22 @@ class Harness:
             "latency_ms": efficiency.get("latency_ms"), "peak_memory_bytes": efficiency.get("peak_memory_bytes"),
             "peak_memory_kind": efficiency.get("peak_memory_kind"),
             "flash_attention": efficiency.get("flash_attention"),
+            "timing_conditions": efficiency.get("timing_conditions"),
             "n_samples": len(records), "n_errors": len(records) - len(ok), "errors": errors,
-            "infeasible": None}
+            "first_error": first_error, "infeasible": None}
+
+    @staticmethod
+    def _budget_use(arm: Arm, traces: Sequence[dict[str, Any]], realised: float | None,
+                    n_visual: float | None) -> dict[str, Any]:
+        """The budget's token target and whether the method went over it (by more than
+        OVER_BUDGET_TOLERANCE), per sample and on average."""
+        if arm.budget is None or realised is None or not n_visual:
+            return {"budget_tokens": None, "over_budget": None, "n_over_budget": None}
+        targets = [arm.budget.target(t["n_visual"]) for t in traces] or [arm.budget.target(round(n_visual))]
+        over = sum(t["realised_tokens"] > (1 + OVER_BUDGET_TOLERANCE) * target for t, target in zip(traces, targets))
+        target = sum(targets) / len(targets)
+        return {"budget_tokens": target, "over_budget": realised > (1 + OVER_BUDGET_TOLERANCE) * target,
+                "n_over_budget": over}
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -457,3 +540,32 @@ def is_transient(exc: BaseException) -> bool:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+def _raised_at(exc: BaseException, compressor: TokenCompressor | None) -> str | None:
+    """``file:line`` where ``exc`` was raised: the innermost frame in the method's own module (a
+    plugin's file) when the traceback passes through it, else the innermost frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return None
+    module = sys.modules.get(type(compressor).__module__) if compressor is not None else None
+    own = getattr(module, "__file__", None)
+    mine = [f for f in frames if Path(f.filename).resolve() == Path(own).resolve()] if own else []
+    frame = (mine or frames)[-1]
+    return f"{frame.filename}:{frame.lineno}"
+
+
+def _site_problem(stage: Stage, layer: int, info: ModelInfo) -> str | None:
+    """Why a site cannot exist on this model, or None."""
+    depth = {Stage.LLM: info.llm_layers, Stage.VISION: info.vision_layers}.get(stage)
+    if depth is not None and not 0 <= layer < depth:
+        return f"outside this model's {depth} {stage} layers (0..{depth - 1})"
+    return None
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): how busy the CPU was while timing."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None

@@ -101,6 +101,56 @@ class OutOfMemoryAtFirst(TokenCompressor):
         return Reduction(torch.arange(x.keep).expand(b, x.keep).clone())
 
 
+class _FirstTokens(TokenCompressor):
+    stages = (Stage.VISION_OUT,)
+
+    def schedule(self, n_visual, budget, info):
+        return [(Site(Stage.VISION_OUT), round(budget))]
+
+    def reduce(self, x):
+        b = x.visual.shape[0]
+        return Reduction(torch.arange(x.keep).expand(b, x.keep).clone())
+
+
+class Greedy(_FirstTokens):
+    """Keeps twice its budget: over budget on every sample."""
+
+    name = "greedy"
+
+    def schedule(self, n_visual, budget, info):
+        return [(Site(Stage.VISION_OUT), min(n_visual, round(2 * budget)))]
+
+
+class Doomed(_FirstTokens):
+    """Fails on every sample."""
+
+    name = "doomed"
+
+    def reduce(self, x):
+        raise ValueError("doomed never keeps anything")  # DOOMED-LINE
+
+
+class Sneaky(_FirstTokens):
+    """Reads the text signal without declaring it in ``needs``."""
+
+    name = "sneaky"
+
+    def reduce(self, x):
+        if x.text is not None:  # SNEAKY-LINE
+            raise AssertionError("unreachable: text was not requested")
+        return super().reduce(x)
+
+
+class Deep(_FirstTokens):
+    """Schedules a site after the 40th decoder layer (the tiny models have 4)."""
+
+    name = "deep"
+    stages = (Stage.LLM,)
+
+    def schedule(self, n_visual, budget, info):
+        return [(Site(Stage.LLM, 40), round(budget))]
+
+
 @tokenbench.hookimpl
 def register_tasks(register):
     register(TinyTask)
@@ -110,3 +160,5 @@ def register_tasks(register):
 def register_compressors(register):
     register(Flaky)
     register(OutOfMemoryAtFirst)
+    for cls in (Greedy, Doomed, Sneaky, Deep):
+        register(cls)

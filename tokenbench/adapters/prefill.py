@@ -35,8 +35,10 @@ float mask for eager, and the 2-D padding mask for ``flash_attention_2``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 from torch import nn
@@ -223,7 +225,7 @@ class StagedPrefill:
                 previous = (index, seq.hidden, cos_sin)
             layer_positions.append(seq.positions)
             seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=cos_sin,
-                               past_key_values=cache, use_cache=True, position_ids=None)
+                               **{cache_argument(type(layer)): cache}, use_cache=True, position_ids=None)
             next_position.append(_largest_position(seq) + 1)
             kv_valid.append(seq.valid)
         logits = dec.lm_head(dec.norm(seq.hidden[:, -1:]))[:, -1]
@@ -341,6 +343,14 @@ def _rotated_keys(attn: nn.Module, normed: torch.Tensor, cos_sin: tuple[torch.Te
     return keys
 
 
+@cache
+def cache_argument(layer_class: type) -> str:
+    """The name under which this transformers version's decoder layer takes the KV cache: ``cache``
+    since 5.24 (where ``past_key_values`` still works but warns it is deprecated), else
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
+
+
 def _largest_position(seq: TokenSequence) -> torch.Tensor:
     positions = seq.positions if seq.positions.dim() == 2 else seq.positions.max(dim=0).values
     return positions.masked_fill(~seq.valid, -1).max(dim=1).values
@@ -376,7 +386,7 @@ def greedy_decode(decoder: Decoder, prefill: PrefillResult, max_new_tokens: int,
                 kv_valid[index] = torch.cat([kv_valid[index], torch.ones_like(kv_valid[index][:, :1])], dim=1)
                 mask = decode_mask(decoder.attn_impl, kv_valid[index], hidden.dtype)
             hidden = layer(hidden, attention_mask=mask, position_embeddings=tables[key],
-                           past_key_values=prefill.cache, use_cache=True, position_ids=None)
+                           **{cache_argument(type(layer)): prefill.cache}, use_cache=True, position_ids=None)
         logits = decoder.lm_head(decoder.norm(hidden))[:, -1]
         tokens = logits.argmax(-1)
         out_tokens.append(tokens)
