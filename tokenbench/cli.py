@@ -117,6 +117,10 @@ def tasks(ctx: click.Context, validate: bool, data_dir: str | None, names: tuple
         rows = [[t.name, t.primary_metric, t.source or "-", t.description or "-",
                  registry.owner[("task", t.name)].label] for t in selected]
         click.echo(tabulate(rows, headers=["task", "primary metric", "source", "description", "plugin"]))
+        if not names:
+            from tokenbench.integrations.lmms_tasks import source_note
+
+            click.echo(f"\n{source_note()}")
         return
     from tokenbench.tasks.validate import validate_task
 
