@@ -62,7 +62,6 @@ UTILS = "from lmms_eval.tasks.pope.utils import *  # noqa: F401,F403 -- lmms-eva
 def write_pope_task(root: Path, n: int = 8) -> Path:
     """Write the task folder under ``root`` (returned) with ``n`` POPE rows."""
     import datasets
-
     from tokenbench.tasks.shapes import FAMILIES, make_example
 
     examples = [make_example(0, len(FAMILIES) * i) for i in range(n)]  # index ≡ 0 mod 6: existence

@@ -31,8 +31,9 @@ class Decoding:
     @classmethod
     def from_generation_kwargs(cls, kwargs: Mapping[str, Any] | None) -> Decoding:
         kwargs = dict(kwargs or {})
-        sampled = kwargs.get("do_sample") or float(kwargs.get("temperature") or 0) > 0 or \
-            int(kwargs.get("num_beams") or 1) > 1
+        # do_sample decides where the task gives it (transformers ignores temperature without it)
+        do_sample = kwargs["do_sample"] if "do_sample" in kwargs else float(kwargs.get("temperature") or 0) > 0
+        sampled = bool(do_sample) or int(kwargs.get("num_beams") or 1) > 1
         if sampled:
             asked = {k: kwargs[k] for k in SAMPLING_KEYS if k in kwargs}
             raise RequestError(f"tokenbench decodes greedily; the task asks for sampling or beam search {asked}")

@@ -20,6 +20,7 @@ import inspect
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,8 +32,11 @@ from tokenbench.tasks.base import Sample, Task, TaskDataError
 
 INCLUDE_ENV = "TOKENBENCH_LMMS_INCLUDE_PATH"
 MODEL_NAME = "tokenbench"  # the name lmms-eval picks per-model prompt variants by (the bridge's model id)
-# Words in a scorer's module that mark a judge model (lmms-eval's llm_judge package, API clients).
-JUDGE_MARKERS = ("lmms_eval.llm_judge", "import openai", "from openai", "OPENAI_API_KEY", "get_chat_response")
+# Words in a scorer's module that mark a judge model (lmms-eval's judge and verifier packages, API
+# clients, GPT model names), and in a metric's name (MMBench's gpt_eval_score, LLaVA-W's gpt_eval_*).
+JUDGE_MARKERS = ("lmms_eval.llm_judge", "lmms_eval.verifiers.openai", "import openai", "from openai",
+                 "OPENAI_API_KEY", "API_TYPE", "get_chat_response", "gpt-4")
+JUDGE_METRIC = "gpt"
 LOGPROB_TYPES = ("loglikelihood", "multiple_choice")
 
 
@@ -59,6 +63,10 @@ def source_note() -> str:
 @functools.lru_cache(maxsize=4)
 def _task_manager(include: tuple[str, ...], defaults: bool) -> Any:
     try:
+        from loguru import logger
+
+        logger.remove()  # lmms-eval logs through loguru at DEBUG by default; its own CLI sets WARNING too
+        logger.add(sys.stderr, level="WARNING")
         from lmms_eval.tasks import TaskManager
     except ImportError as exc:
         raise LmmsTaskError(f"lmms:<task> needs lmms-eval ({exc}); {LMMS_INSTALL_HINT}") from None
@@ -90,15 +98,20 @@ def refusal(name: str, config: Mapping[str, Any]) -> str | None:
         return f"it scores log-probabilities (output_type {output_type}); tokenbench generates text"
     if output_type != "generate_until":
         return f"output_type {output_type}: tokenbench runs single-turn text generation only"
-    scorer = config.get("process_results")
-    module = inspect.getmodule(scorer) if callable(scorer) else None
-    try:
-        source = inspect.getsource(module) if module else ""
-    except (OSError, TypeError):
-        source = ""
-    marker = next((m for m in JUDGE_MARKERS if m in source), None)
-    if marker:
-        return f"its scorer ({module.__name__}) calls a judge model ('{marker}'), which tokenbench does not run"
+    metrics = [m for m in config.get("metric_list") or [] if isinstance(m, Mapping)]
+    judged = [m["metric"] for m in metrics if JUDGE_METRIC in str(m.get("metric", "")).lower()]
+    if judged:
+        return f"its metric {judged[0]} is scored by a judge model, which tokenbench does not run"
+    scorers = [config.get("process_results")] + [m.get("aggregation") for m in metrics]
+    # lmms-eval loads a task's utils.py without registering a module, so read the scorers' files
+    for path in dict.fromkeys(getattr(getattr(f, "__code__", None), "co_filename", None) for f in scorers):
+        try:
+            source = Path(path).read_text() if path else ""
+        except OSError:
+            continue
+        marker = next((m for m in JUDGE_MARKERS if m in source), None)
+        if marker:
+            return f"its scorer ({path}) calls a judge model ('{marker}'), which tokenbench does not run"
     try:
         Decoding.from_generation_kwargs(config.get("generation_kwargs"))
     except RequestError as exc:
@@ -112,7 +125,11 @@ def task_class(name: str) -> type[LmmsTask]:
     entry = manager.task_index[name]
     if entry["type"] != "task":
         raise LmmsTaskError(f"lmms-eval '{name}' is a {entry['type']} of several tasks; name one of its tasks")
-    config = manager._get_config(name)  # lmms-eval's own YAML reader (resolves !function and include)
+    try:
+        config = manager._get_config(name)  # lmms-eval's own YAML reader (resolves !function and include)
+    except ImportError as exc:  # a scorer module needs a package of lmms-eval's full dependency list
+        raise LmmsTaskError(f"lmms-eval task '{name}' needs a package that is not installed ({exc}); "
+                            f"install it, or all of lmms-eval's dependencies with tokenbench[lmms]") from None
     reason = refusal(name, config)
     if reason:
         raise LmmsTaskError(f"lmms-eval task '{name}' cannot run in tokenbench: {reason}")
@@ -145,8 +162,15 @@ class LmmsTask(Task):
         """lmms-eval's ConfigurableTask, loaded (with its dataset) on first use."""
         if self._lmms is None:
             manager = task_manager_for(self.lmms_name)
-            self._lmms = manager.load_task_or_group([self.lmms_name])[self.lmms_name]
-            self._docs = self._lmms.eval_docs
+            try:
+                task = manager.load_task_or_group([self.lmms_name])[self.lmms_name]
+                docs = task.eval_docs
+            except Exception as exc:  # noqa: BLE001 -- its data or definition; one line, not a traceback
+                raise LmmsTaskError(f"lmms-eval could not load task '{self.lmms_name}': "
+                                    f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}") from None
+            if docs is None:
+                raise LmmsTaskError(f"lmms-eval task '{self.lmms_name}' has no test or validation split")
+            self._lmms, self._docs = task, docs
         return self._lmms
 
     def samples(self, limit: int | None = None) -> Iterator[Sample]:
