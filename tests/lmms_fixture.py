@@ -8,6 +8,7 @@ of tokenbench's ``shapes`` task (what the embedded model answers), all in one PO
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 TASK = "tb_pope_local"
@@ -51,7 +52,7 @@ metric_list:
 lmms_eval_specific_kwargs:
   default:
     pre_prompt: ""
-    post_prompt: ""
+    post_prompt: {post_prompt}
 metadata:
   - version: 0.0
 """
@@ -59,8 +60,10 @@ metadata:
 UTILS = "from lmms_eval.tasks.pope.utils import *  # noqa: F401,F403 -- lmms-eval's own POPE functions\n"
 
 
-def write_pope_task(root: Path, n: int = 8) -> Path:
-    """Write the task folder under ``root`` (returned) with ``n`` POPE rows."""
+def write_pope_task(root: Path, n: int = 8, post_prompt: str = "", max_new_tokens: int = MAX_NEW_TOKENS) -> Path:
+    """Write the task folder under ``root`` (returned) with ``n`` POPE rows. The parquet file lies
+    where tokenbench's own ``pope`` task finds it too (``--data-dir root``); with ``post_prompt``
+    "\\nAnswer the question using a single word or phrase." and 8 new tokens both ask the same."""
     import datasets
     from tokenbench.tasks.shapes import FAMILIES, make_example
 
@@ -74,8 +77,10 @@ def write_pope_task(root: Path, n: int = 8) -> Path:
             "image": [e.image() for e in examples], "category": [CATEGORY] * n}
     folder = root / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
-    data = root / "pope_local.parquet"
+    data = root / "POPE" / "data" / "test-00000.parquet"
+    data.parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(data))
-    (folder / f"{TASK}.yaml").write_text(YAML.format(data=data, task=TASK, max_new_tokens=MAX_NEW_TOKENS))
+    (folder / f"{TASK}.yaml").write_text(YAML.format(data=data, task=TASK, max_new_tokens=max_new_tokens,
+                                                          post_prompt=json.dumps(post_prompt)))
     (folder / "utils.py").write_text(UTILS)
     return folder
