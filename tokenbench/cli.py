@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,10 @@ def tasks(ctx: click.Context, validate: bool, data_dir: str | None, names: tuple
                  registry.owner[("task", t.name)].name] for t in selected]  # `tokenbench plugins` has the rest
         click.echo(tabulate(rows, headers=["task", "primary metric", "source", "description", "plugin"],
                             maxcolwidths=[None, 16, 22, 42, 16]))
+        if not names:
+            from tokenbench.integrations.lmms_tasks import source_note
+
+            click.echo("\n" + textwrap.fill(source_note(), width=106, subsequent_indent=" " * 13))
         return
     from tokenbench.tasks.validate import validate_task
 

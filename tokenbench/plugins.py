@@ -31,6 +31,7 @@ GROUP = hookspecs.PROJECT
 HOOKS = {"register_compressors": "compressor", "register_adapters": "adapter", "register_tasks": "task"}
 KIND_WORDS = {"compressor": "method", "adapter": "adapter", "task": "task"}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.+-]*$")
+LMMS_PREFIX = "lmms:"  # tasks named lmms:<task> come from lmms-eval (tokenbench.integrations)
 
 
 class PluginError(Exception):
@@ -100,7 +101,18 @@ class Registry:
         return self.get("compressor", name)
 
     def task(self, name: str) -> type:
+        if name.startswith(LMMS_PREFIX) and name not in self.tasks:
+            self._add_lmms_task(name)
         return self.get("task", name)
+
+    def _add_lmms_task(self, name: str) -> None:
+        """``lmms:<task>``: an lmms-eval task, built on first use (lmms-eval is imported only then)."""
+        from tokenbench.integrations import lmms_eval_version
+        from tokenbench.integrations.lmms_tasks import task_class
+
+        self.tasks[name] = task_class(name[len(LMMS_PREFIX):])
+        self.owner[("task", name)] = PluginRecord("lmms-eval", "lmms-eval", "lmms_eval.tasks", "lmms-eval",
+                                                  lmms_eval_version())
 
     def adapter_for(self, model_type: str) -> type:
         for cls in self.adapters.values():
