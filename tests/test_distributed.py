@@ -167,17 +167,26 @@ def test_device_map_usage_errors(args, message):
 
 # ------------------------------------------------------------------------------- device map
 
+SPLITS = [pytest.param(("cpu", "disk"), id="cpu+disk"),
+          pytest.param((0, "cpu"), id="cuda+cpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+              not torch.cuda.is_available(), reason="needs CUDA: hidden states really cross devices")])]
+
+
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("family,site", [("llava", None), ("llava", Site(Stage.VISION_OUT)),
                                          ("llava", Site(Stage.LLM, 2)), ("qwen2_vl", Site(Stage.LLM, 2))])
-def test_keep_all_holds_with_the_decoder_split_over_cpu_and_disk(request, tmp_path, family, site):
+def test_keep_all_holds_with_the_decoder_split_over_two_devices(request, tmp_path, family, site, split):
+    """The first device holds the vision side and about the first decoder layer, the second the rest
+    (on CPU only: the CPU and disk offload, whose hooks load each layer's weights when it runs)."""
     reference = adapter(family, model_dir(request, family), "sdpa")
     model = reference.model
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     layer = sum(p.numel() * p.element_size() for p in model.model.language_model.layers[0].parameters())
-    placement = Placement("auto", {"cpu": total - 2 * layer}, tmp_path / "offload")
+    first, second = split
+    placement = Placement("auto", {first: total - 2 * layer, second: 10 * total}, tmp_path / "offload")
     placed = type(reference).load(model_dir(request, family), device=placement)
     where = {name: device for name, device in placed.model.hf_device_map.items() if ".layers." in name}
-    assert {"cpu", "disk"} <= set(where.values()), where  # the decoder is split
+    assert set(split) <= set(where.values()), where  # the decoder is split
     batch = prompts(family, 2)
     compressor = None
     if site is not None:
@@ -186,12 +195,13 @@ def test_keep_all_holds_with_the_decoder_split_over_cpu_and_disk(request, tmp_pa
                                                              {"attention", "keys"}))
     run = placed.run(batch, compressor=compressor, budget=ALL, max_new_tokens=4)
     tokens, logits = stock_generate(reference, batch, 4)
-    assert torch.equal(run.tokens, tokens[:, :run.tokens.shape[1]])
-    torch.testing.assert_close(run.logits, logits[:, :run.logits.shape[1]], rtol=1e-4, atol=1e-4)
+    assert torch.equal(run.tokens.cpu(), tokens[:, :run.tokens.shape[1]])
+    torch.testing.assert_close(run.logits.cpu(), logits[:, :run.logits.shape[1]], rtol=1e-4, atol=1e-4)
     assert compressor is None or compressor.seen
     memory = device_placement(placed.model)["device_map_bytes"]
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    assert set(memory) == {"cpu", "disk"} and sum(memory.values()) == total + buffers
+    assert set(memory) == {f"cuda:{d}" if isinstance(d, int) else d for d in split}
+    assert sum(memory.values()) == total + buffers
 
 
 def test_run_with_device_map_records_memory_per_device(tiny_llava_dir, tmp_path):
