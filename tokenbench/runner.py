@@ -163,6 +163,8 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
                 if "safetensor" in type(exc).__name__.lower() else "")
         raise ConfigError(f"cannot load model '{config.model.name}' from {config.model.location}: "
                           f"{_describe(exc)[:300]}{hint}") from None
+    if config.device_map:  # timings and provenance look where the inputs go, not at --device
+        config = dataclasses.replace(config, device=str(adapter.device))
     harness = Harness(config, registry, adapter, accuracy=accuracy, random_weights=random_weights)
     harness.check_plans()
     harness.processes = processes
