@@ -17,8 +17,10 @@ import click
 import torch
 from tabulate import tabulate
 
+from tokenbench.adapters.placement import DEVICE_MAPS, parse_max_memory
 from tokenbench.budget import BudgetError, parse_budgets
 from tokenbench.config import ConfigError, MethodSpec, RunConfig, parse_method_list, parse_option_assignments
+from tokenbench.distributed import current_processes
 from tokenbench.models import ModelNameError, default_model, embedded_models, resolve_model
 from tokenbench.plugins import PluginError, Registry, UnknownName, load_registry
 from tokenbench.tasks.base import TaskDataError
@@ -198,11 +200,17 @@ def models(ctx: click.Context) -> None:
               help="Prompt and image protocol: llava (LLaVA-1.5's pad-to-square and vicuna_v1 conversation; "
                    "default for LLaVA checkpoints) or hf (processor and chat template; default for "
                    "embedded models and other families).")
+@click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
+              help="Spread a model too large for one GPU over the GPUs (and CPU / disk) with accelerate's "
+                   "big-model loading; replaces --device.")
+@click.option("--max-memory", default=None, metavar="DEV=SIZE,...",
+              help="With --device-map: memory per device, e.g. 0=40GiB,1=40GiB,cpu=64GiB.")
 @click.pass_context
 def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, tasks_text: str,
         limit: int | None, seed: int, output: str, option_assignments: tuple[str, ...], dtype: str,
         attn: str, device: str, batch_size: int, data_dir: str | None, efficiency: bool,
-        accuracy: bool, model_config: str | None, as_json: bool, scoring: str, protocol: str | None) -> None:
+        accuracy: bool, model_config: str | None, as_json: bool, scoring: str, protocol: str | None,
+        device_map: str | None, max_memory: str | None) -> None:
     """Run methods x budgets x tasks on a model (plus the uncompressed baseline)."""
     registry = _registry(ctx)
     method_names = parse_method_list(methods_text, registry)
@@ -235,12 +243,13 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         model_ref = resolve_model(model or default_model(), registry)
     if not accuracy and not efficiency:
         raise ConfigError("--no-accuracy with --no-efficiency leaves nothing to run; drop one of them")
+    memory = _device_map_memory(device_map, max_memory, model_config)
     config = RunConfig(
         model=model_ref,
         methods=[MethodSpec(n, options[n]) for n in method_names], budgets=budget_list, tasks=task_names,
         limit=limit, seed=seed, output=Path(output), dtype=dtype, attn=attn, device=device,
         batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None, efficiency=efficiency,
-        scoring=scoring, protocol=protocol)
+        scoring=scoring, protocol=protocol, device_map=device_map, max_memory=memory)
     try:
         from tokenbench.runner import resolve_protocol
         from tokenbench.runner import run as run_benchmark
@@ -249,6 +258,8 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
     if model_ref.model_type is not None:
         resolve_protocol(config, registry.adapter_for(model_ref.model_type))
     records = run_benchmark(config, registry, accuracy=accuracy, random_weights=model_config is not None)
+    if not current_processes().is_main:  # the main process of a launched run reports for all
+        return
     if as_json:
         click.echo(json.dumps(records, indent=2))
     elif records:
@@ -266,6 +277,22 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
                    f"first error: {first.get('error')}{where}", err=True)
     if failed:
         sys.exit(1)
+
+
+def _device_map_memory(device_map: str | None, max_memory: str | None,
+                       model_config: str | None) -> dict[int | str, str] | None:
+    """``--max-memory`` parsed, after checking it goes with a ``--device-map`` that can use it."""
+    if device_map is None:
+        if max_memory is not None:
+            raise ConfigError("--max-memory only applies with --device-map; add --device-map auto")
+        return None
+    if model_config is not None:
+        raise ConfigError("--device-map loads a checkpoint; --model-config builds random weights on one "
+                          "device: drop one of them")
+    try:
+        return parse_max_memory(max_memory) if max_memory is not None else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @cli.group()

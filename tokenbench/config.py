@@ -51,6 +51,8 @@ class RunConfig:
     efficiency: bool = True
     scoring: str = "official"  # each benchmark's official rule, or "lenient" (Task.scoring)
     protocol: str | None = None  # "llava" / "hf"; None: the model's default (runner.resolve_protocol)
+    device_map: str | None = None  # --device-map: spread the model over devices (adapters.placement)
+    max_memory: dict[int | str, str] | None = None  # --max-memory, with --device-map
 
 
 def parse_method_list(text: str, registry: Registry) -> list[str]:

@@ -17,6 +17,7 @@ site outside the model's layers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -31,9 +32,11 @@ from tqdm import tqdm
 
 import tokenbench
 from tokenbench.adapters.base import Generation, Prompt, TokenTrace, VLMAdapter
+from tokenbench.adapters.placement import Placement, device_placement
 from tokenbench.budget import Budget
 from tokenbench.compressor import Infeasible, ModelInfo, Stage, TokenCompressor
 from tokenbench.config import ConfigError, MethodSpec, RunConfig
+from tokenbench.distributed import Processes, ShardedSampleStore, current_processes
 from tokenbench.measure import (
     PeakMemory,
     Timer,
@@ -110,7 +113,9 @@ def load_adapter(config: RunConfig, registry: Registry, random_weights: bool = F
 
         model_type = AutoConfig.from_pretrained(config.model.location).model_type
     cls = registry.adapter_for(model_type)
-    adapter = cls.load(config.model.location, dtype=dtype, attn=config.attn, device=device)
+    placement = Placement(config.device_map, config.max_memory, config.output / "offload") \
+        if config.device_map else device
+    adapter = cls.load(config.model.location, dtype=dtype, attn=config.attn, device=placement)
     adapter.protocol = resolve_protocol(config, cls)
     return adapter
 
@@ -141,7 +146,13 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
 
         if reason := unreachable_reason(config.model.location):  # at once, not after the hub's retries
             raise ConfigError(f"cannot load model '{config.model.name}': {reason}")
-    claim_output_dir(config.output, run_arguments(config, accuracy) | {"random_weights": random_weights})
+    processes = current_processes(cpu=config.device == "cpu" and not config.device_map)
+    if processes.is_main:  # one writer of the manifest; the others start once it is claimed
+        claim_output_dir(config.output, run_arguments(config, accuracy) | {"random_weights": random_weights})
+    processes.barrier()
+    config = dataclasses.replace(config, device=processes.device(config.device),
+                                 max_memory=config.max_memory or (processes.gpu_share() if config.device_map
+                                                                  else None))
     tasks = {name: load_task(name, config, registry) for name in config.tasks}
     try:
         adapter = load_adapter(config, registry, random_weights)
@@ -152,11 +163,22 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
                 if "safetensor" in type(exc).__name__.lower() else "")
         raise ConfigError(f"cannot load model '{config.model.name}' from {config.model.location}: "
                           f"{_describe(exc)[:300]}{hint}") from None
+    if config.device_map:  # timings and provenance look where the inputs go, not at --device
+        config = dataclasses.replace(config, device=str(adapter.device))
     harness = Harness(config, registry, adapter, accuracy=accuracy, random_weights=random_weights)
     harness.check_plans()
+    harness.processes = processes
     records: list[dict[str, Any]] = []
-    with SampleStore(config.output / "samples.jsonl") as store:
+    with ShardedSampleStore(config.output, processes) as store:
         harness.store = store
+        if processes.distributed:  # each process its shard of the accuracy passes; then the main alone
+            processes.barrier()  # every store loaded before any process appends: one view to shard
+            for task, samples in tasks.values():
+                harness.run_task(task, samples, shard=True)
+            processes.barrier()
+            if not processes.is_main:
+                return []
+            store.reload()
         for task, samples in tasks.values():
             records += harness.run_task(task, samples)
     return records
@@ -190,6 +212,7 @@ class Harness:
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
         self.store: SampleStore
+        self.processes = Processes()
         text_config = adapter.model.config.get_text_config() if hasattr(adapter.model, "config") else None
         self.max_context: int | None = getattr(text_config, "max_position_embeddings", None)
         self.arch = adapter.info().arch
@@ -223,7 +246,8 @@ class Harness:
                     raise ConfigError(f"method '{arm.spec.name}' at budget {arm.budget.label} schedules a "
                                       f"site at {site.stage}:{site.layer}, {problem}")
 
-    def run_task(self, task: Task, samples: list[Sample]) -> list[dict[str, Any]]:
+    def run_task(self, task: Task, samples: list[Sample], shard: bool = False) -> list[dict[str, Any]]:
+        """The task's run records; ``shard``: only this process's share of the accuracy pass."""
         live: list[tuple[Arm, TokenCompressor | None]] = []
         infeasible: dict[str, str] = {}  # by arm label
         for arm in arms(self.config):
@@ -234,6 +258,10 @@ class Harness:
                 tqdm.write(f"tokenbench: {arm.label}: infeasible: {reason}", file=sys.stderr)
             else:
                 live.append((arm, compressor))
+        if shard:
+            if self.accuracy:
+                self.accuracy_pass(task, samples, live, self.processes)
+            return []
         per_arm = self.accuracy_pass(task, samples, live) if self.accuracy else {a.label: [] for a, _ in live}
         baseline = per_arm.get(arms(self.config)[0].label, [])
         out = []
@@ -266,17 +294,24 @@ class Harness:
 
     # ----------------------------------------------------------------------------- accuracy pass
     def accuracy_pass(self, task: Task, samples: Sequence[Sample],
-                      live: Sequence[tuple[Arm, TokenCompressor | None]]) -> dict[str, list[dict[str, Any]]]:
+                      live: Sequence[tuple[Arm, TokenCompressor | None]],
+                      shard: Processes | None = None) -> dict[str, list[dict[str, Any]]]:
         """Every arm on every sample, chunk by chunk (each image is decoded once for all arms);
-        samples already in the store are skipped. Returns the records per arm label."""
+        samples already in the store are skipped. Returns the records per arm label. ``shard``:
+        only that process's chunks (see :mod:`tokenbench.distributed`)."""
         keys = {arm.label: [self._key("sample", task, arm, s.id) for s in samples] for arm, _ in live}
-        done = sum(k in self.store for ks in keys.values() for k in ks)
+        chunks = list(_chunks(range(len(samples)), self.config.batch_size))
+        if shard is not None:  # deal out the batches with work left, as every process loaded the store
+            chunks = shard.shard([c for c in chunks if any(ks[i] not in self.store for ks in keys.values()
+                                                           for i in c)])
+        mine = [i for chunk in chunks for i in chunk]
+        done = sum(ks[i] in self.store for ks in keys.values() for i in mine)
         if done:
-            tqdm.write(f"tokenbench: {task.name}: {done} of {len(samples) * len(live)} samples already done in "
-                       f"{self.store.path}; skipped", file=sys.stderr)
-        with tqdm(total=len(samples) * len(live), initial=done, desc=f"{task.name} accuracy", unit="sample",
+            tqdm.write(f"tokenbench: {task.name}: {done} of {len(mine) * len(live)} samples already done in "
+                       f"{self.store.path.parent}; skipped", file=sys.stderr)
+        with tqdm(total=len(mine) * len(live), initial=done, desc=f"{task.name} accuracy", unit="sample",
                   file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
-            for chunk in _chunks(range(len(samples)), self.config.batch_size):
+            for chunk in chunks:
                 prompts: dict[str, Prompt | str] = {}
                 for arm, compressor in live:
                     todo = [(samples[i], keys[arm.label][i]) for i in chunk if keys[arm.label][i] not in self.store]
@@ -456,6 +491,7 @@ class Harness:
                 "provenance": provenance(device=self.device, dtype=self.config.dtype, attn=self.config.attn,
                                          seed=self.config.seed, options=arm.spec.options,
                                          model_location=self.config.model.location)
+                | {"processes": self.processes.world_size, **device_placement(self.adapter.model)}
                 | {"limit": self.config.limit, "max_new_tokens": task.max_new_tokens,
                    "batch_size": self.config.batch_size, "random_weights": self.random_weights,
                    "data_dir": str(self.config.data_dir) if self.config.data_dir else None,

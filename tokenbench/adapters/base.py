@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from tokenbench.adapters.placement import input_device
 from tokenbench.budget import Budget
 from tokenbench.compressor import ModelInfo, Site, Stage, TokenCompressor
 
@@ -126,7 +127,8 @@ class VLMAdapter(ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the input embedding's device when a device map spreads the model)."""
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -31,6 +31,7 @@ from PIL import Image
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
 from tokenbench.adapters.clip_space import ClipSpace
 from tokenbench.adapters.loading import load_checkpoint
+from tokenbench.adapters.placement import execution_device
 from tokenbench.adapters.prefill import TokenSequence
 from tokenbench.adapters.probe import head_mean_keys, head_mean_probs
 from tokenbench.adapters.sites import VisualBlock, run_site
@@ -141,7 +142,7 @@ class LlavaAdapter(StagedAdapter):
                 trace.vision.append(hidden.shape[1])
                 trace.eager_attention_calls += int(eager)
             block_input = hidden
-            hidden = block(hidden, bias)
+            hidden = block(hidden, bias).to(block_input.device)  # a device map may place blocks elsewhere
         patches.tokens = hidden[:, 1:]
         keep = plan.at(Stage.VISION_OUT)
         if keep:
@@ -173,12 +174,12 @@ class LlavaAdapter(StagedAdapter):
         """Head-mean attention of the CLS query in the block that produced the selected layer."""
         block = self.model.model.vision_tower.encoder.layers[self.vision_blocks - 1]
         attn = block.self_attn
-        normed = block.layer_norm1(block_input)
+        normed = block.layer_norm1(block_input.to(execution_device(block)))
         b, t, _ = normed.shape
         queries = attn.q_proj(normed[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         keys = attn.k_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        probs = head_mean_probs(queries, keys, attn.scale, bias=None if bias is None else bias[:, 0])
-        return probs[:, 0, 1:]
+        bias = None if bias is None else bias[:, 0].to(normed.device)
+        return head_mean_probs(queries, keys, attn.scale, bias=bias)[:, 0, 1:].to(block_input.device)
 
     def unserved_signal_reason(self, compressor: TokenCompressor,
                                plan: Sequence[tuple[Site, int]]) -> str | None:
@@ -280,7 +281,8 @@ def pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
 
 def _clip_keys(block: torch.nn.Module, block_input: torch.Tensor) -> torch.Tensor:
     attn = block.self_attn
-    return head_mean_keys(attn.k_proj, block.layer_norm1(block_input), attn.head_dim)
+    normed = block.layer_norm1(block_input.to(execution_device(block)))
+    return head_mean_keys(attn.k_proj, normed, attn.head_dim).to(block_input.device)
 
 
 def _size_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

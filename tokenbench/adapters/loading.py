@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tokenbench.adapters.base import AdapterError
+from tokenbench.adapters.placement import Placement
 from tokenbench.adapters.prefill import ATTENTION_IMPLEMENTATIONS
 
 
@@ -23,8 +24,9 @@ def check_attention(attn: str) -> None:
 
 
 def load_checkpoint(path: str | Path, model_types: tuple[str, ...], dtype: torch.dtype, attn: str,
-                    device: str | torch.device) -> torch.nn.Module:
-    """``from_pretrained`` a VLM checkpoint after checking its ``model_type`` and ``attn``."""
+                    device: str | torch.device | Placement) -> torch.nn.Module:
+    """``from_pretrained`` a VLM checkpoint after checking its ``model_type`` and ``attn``; a
+    :class:`Placement` spreads it over devices with accelerate's big-model loading."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     check_attention(attn)
@@ -32,6 +34,9 @@ def load_checkpoint(path: str | Path, model_types: tuple[str, ...], dtype: torch
     if config.model_type not in model_types:
         raise AdapterError(f"checkpoint {path} is a '{config.model_type}' model; this adapter handles "
                            f"{', '.join(model_types)}")
+    if isinstance(device, Placement):
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                           **device.from_pretrained_kwargs()).eval()
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     return model.to(device).eval()
 

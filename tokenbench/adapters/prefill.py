@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from tokenbench.adapters.base import AdapterError, TokenTrace
+from tokenbench.adapters.placement import execution_device
 from tokenbench.adapters.probe import RotaryFn, decoder_attention_rows, head_mean_keys
 from tokenbench.adapters.sites import Applied, VisualBlock, run_site
 from tokenbench.compressor import Site, Stage, TokenCompressor
@@ -245,6 +246,8 @@ class StagedPrefill:
         assert self.compressor is not None
         needs = set(self.compressor.needs)
         signals: dict[str, torch.Tensor | None] = {}
+        home = seq.valid.device  # under a device map the hidden states arrive from the last layer's device
+        seq.hidden = seq.hidden.to(home)
         if {"attention", "keys", "key_l1"} & needs:
             signals.update(self._layer_signals(seq, index, previous, cache, cos_sin))
         visual_rows = seq.visual_index()
@@ -258,8 +261,8 @@ class StagedPrefill:
             if "text" in needs:
                 signals["text"] = text
             if "final_norm" in needs:
-                signals["normed_visual"] = self.decoder.norm(_rows(seq.hidden, visual_rows))
-                signals["normed_text"] = self.decoder.norm(text)
+                signals["normed_visual"] = self.decoder.norm(_rows(seq.hidden, visual_rows)).to(home)
+                signals["normed_text"] = self.decoder.norm(text).to(home)
             if "input_states" in needs:
                 if seq.text_embeds is None:
                     raise AdapterError("input_states needs the decoder's input embeddings of the text")
@@ -285,34 +288,39 @@ class StagedPrefill:
             hidden_in, probe_cos_sin = previous[1:] if previous is not None else (None, None)
         layer = self.decoder.layers[probe_layer]
         attn = layer.self_attn
-        normed = layer.input_layernorm(hidden_in) if hidden_in is not None else None
+        home, device = seq.valid.device, execution_device(layer)  # the probe runs where the layer's weights are
+        if probe_cos_sin is not None:
+            probe_cos_sin = (probe_cos_sin[0].to(device), probe_cos_sin[1].to(device))
+        normed = layer.input_layernorm(hidden_in.to(device)) if hidden_in is not None else None
         signals: dict[str, torch.Tensor] = {}
         if "keys" in needs:
-            signals["keys"] = head_mean_keys(attn.k_proj, _rows(normed, seq.visual_index()), attn.head_dim)
+            visual_rows = _rows(normed, seq.visual_index().to(device))
+            signals["keys"] = head_mean_keys(attn.k_proj, visual_rows, attn.head_dim).to(home)
         if keys is None:
             keys = _rotated_keys(attn, normed, probe_cos_sin, self.decoder.rotary)
             for trace, tokens in zip(self.traces, seq.valid.sum(dim=1).tolist()):
                 trace.probe_key_tokens += int(tokens)
         if "attention" in needs:
-            signals["attention"] = self._attention(seq, attn, normed, probe_cos_sin, keys)
+            signals["attention"] = self._attention(seq, attn, normed, probe_cos_sin, keys).to(home)
         if "key_l1" in needs:  # [B, S], every token: the caller splits visual and text rows
-            signals["key_l1"] = keys.float().abs().sum(dim=(1, 3))
+            signals["key_l1"] = keys.float().abs().sum(dim=(1, 3)).to(home)
         return signals
 
     def _attention(self, seq: TokenSequence, attn: nn.Module, normed: torch.Tensor,
                    cos_sin: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
         assert self.compressor is not None
-        rows = query_rows(seq, self.compressor.attention_queries)
+        device = normed.device
+        rows = query_rows(seq, self.compressor.attention_queries).to(device)
         cos, sin = (_rows(t, rows) for t in cos_sin)
         s = seq.hidden.shape[1]
-        allowed = (torch.arange(s, device=rows.device)[None, None] <= rows[..., None]) & seq.valid[:, None]
+        allowed = (torch.arange(s, device=device)[None, None] <= rows[..., None]) & seq.valid.to(device)[:, None]
         probs = decoder_attention_rows(attn, _rows(normed, rows), cos, sin, keys, allowed, self.decoder.rotary)
         for trace in self.traces:
             if self.compressor.attention_queries == "all":
                 trace.eager_attention_calls += 1  # a full map: the eager class, counted as such
             else:
                 trace.probe_rows += rows.shape[1]
-        return probs.gather(2, seq.visual_index()[:, None].expand(-1, rows.shape[1], -1))
+        return probs.gather(2, seq.visual_index().to(device)[:, None].expand(-1, rows.shape[1], -1))
 
 
 def query_rows(seq: TokenSequence, queries: str) -> torch.Tensor:

@@ -29,6 +29,10 @@ class VisualBlock:
         origin = torch.arange(n, device=tokens.device).expand(b, n).clone()
         return cls(tokens, origin, torch.ones(b, n, device=tokens.device, dtype=torch.float32))
 
+    def to(self, device: torch.device) -> VisualBlock:
+        """The block on ``device`` (a device map may run the vision tower elsewhere than the decoder)."""
+        return VisualBlock(self.tokens.to(device), self.origin.to(device), self.sizes.to(device))
+
 
 @dataclass
 class Applied:

@@ -145,7 +145,7 @@ class StagedAdapter(VLMAdapter):
         with torch.inference_mode():
             sequence = self._placeholder_sequence(encoded, decoder)
             with timer.phase("vision"):
-                block = self._visual_tokens(encoded, plan, sequence, traces)
+                block = self._visual_tokens(encoded, plan, sequence, traces).to(sequence.hidden.device)
             with timer.phase("prefill"):
                 sequence = splice(sequence, Applied(block, block.origin, 0), policy)
                 prefill = StagedPrefill(decoder, compressor, plan.at(Stage.LLM), encoded.grid, plan.generator,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-LMMS_INSTALL_HINT = "install the lmms extra: pip install 'tokenbench[lmms]'"
+LMMS_INSTALL_HINT = "install the lmms extra: pip install -e '.[lmms]' in the tokenbench checkout"
 
 
 def lmms_eval_version() -> str | None:

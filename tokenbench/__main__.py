@@ -1,0 +1,5 @@
+"""``python -m tokenbench``, which is also what ``accelerate launch -m tokenbench`` runs."""
+
+from tokenbench.cli import main
+
+main()
