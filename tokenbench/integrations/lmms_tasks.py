@@ -129,7 +129,7 @@ def task_class(name: str) -> type[LmmsTask]:
         config = manager._get_config(name)  # lmms-eval's own YAML reader (resolves !function and include)
     except ImportError as exc:  # a scorer module needs a package of lmms-eval's full dependency list
         raise LmmsTaskError(f"lmms-eval task '{name}' needs a package that is not installed ({exc}); "
-                            f"install it, or all of lmms-eval's dependencies with the lmms extra (pip install -e ".[lmms]")") from None
+                            f"install it, or all of lmms-eval's dependencies with the lmms extra (pip install -e '.[lmms]')") from None
     reason = refusal(name, config)
     if reason:
         raise LmmsTaskError(f"lmms-eval task '{name}' cannot run in tokenbench: {reason}")
