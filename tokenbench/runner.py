@@ -26,7 +26,7 @@ from tqdm import tqdm
 import tokenbench
 from tokenbench.adapters.base import AdapterError, Generation, Prompt, TokenTrace, VLMAdapter
 from tokenbench.budget import Budget
-from tokenbench.compressor import Infeasible, TokenCompressor
+from tokenbench.compressor import Infeasible, TokenCompressor, check_signals
 from tokenbench.config import ConfigError, MethodSpec, RunConfig
 from tokenbench.measure import (
     PeakMemory,
@@ -187,7 +187,8 @@ class Harness:
             return None
         info = self.adapter.info()
         try:
-            compressor.schedule(info.n_visual, arm.budget.target(info.n_visual), info)
+            plan = compressor.schedule(info.n_visual, arm.budget.target(info.n_visual), info)
+            check_signals(compressor.name, compressor.needs, plan, info)
         except Infeasible as exc:
             return str(exc)
         return None

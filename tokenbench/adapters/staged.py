@@ -28,7 +28,7 @@ from tokenbench.adapters.prefill import (
 )
 from tokenbench.adapters.sites import Applied, VisualBlock
 from tokenbench.budget import Budget
-from tokenbench.compressor import Site, Stage, TokenCompressor
+from tokenbench.compressor import Site, Stage, TokenCompressor, check_signals
 from tokenbench.measure import Timer
 
 
@@ -156,6 +156,7 @@ class StagedAdapter(VLMAdapter):
         n = encoded.n_visual
         info = self.info(n, grid=encoded.grid)
         sites = list(compressor.schedule(n, budget.target(n), info))
+        check_signals(compressor.name, compressor.needs, sites, info)
         unsupported = sorted({str(site.stage) for site, _ in sites} - {str(s) for s in self.stages})
         if unsupported:
             raise AdapterError(f"method '{compressor.name}' scheduled stage(s) {', '.join(unsupported)}, which "
