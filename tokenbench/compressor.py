@@ -124,7 +124,7 @@ class SiteInput:
       span with ``Reduction.prefix``.
     - ``attention_received`` [B, N]: attention each visual token receives in the selected vision
       block, averaged over heads and over every query row (all tokens, CLS included where there is
-      one), pooled like the features (Qwen2-VL: mean over each merged 2×2 group). The signal for
+      one), pooled like the features (Qwen2-VL: summed over each merged 2×2 group). The signal for
       encoders without a CLS token; adapters stream it over query chunks, never a full map.
     - ``generator``: seeded by the harness; use it for any randomness.
     """

@@ -167,8 +167,9 @@ class Qwen2VLAdapter(StagedAdapter):
                             shape: tuple[int, int]) -> torch.Tensor:
         """Attention each merged token receives in the last ViT block: the block's softmax attention
         (within its ``cu_seqlens`` segments: whole images, or windows in a windowed block), summed
-        over queries and divided by the image's patch count, averaged over heads and over the
-        merge² patches of each merged token; streamed over query chunks. ``shape`` = (B, N)."""
+        over queries and divided by the image's patch count, averaged over heads and summed over the
+        merge² patches of each merged token (so a full-attention block's signal sums to 1 per image);
+        streamed over query chunks. ``shape`` = (B, N)."""
         visual = self.model.model.visual
         block = visual.blocks[-1]
         attn = block.attn
@@ -187,7 +188,7 @@ class Qwen2VLAdapter(StagedAdapter):
             k = keys[start:end].transpose(0, 1)[None]
             received[start:end] = head_mean_received(q, k, attn.scaling)[0] * (end - start)
         unit = self.merge ** 2
-        pooled = received.view(-1, unit).mean(dim=1)
+        pooled = received.view(-1, unit).sum(dim=1)
         if hasattr(visual, "fullatt_block_indexes"):  # Qwen2.5-VL: blocks run in window order
             from transformers.vision_utils import get_vision_window_index
 
