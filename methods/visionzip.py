@@ -163,7 +163,7 @@ class VisionZip(TokenCompressor):
             return Reduction(kept, prefix=prefix)
         is_dominant = torch.zeros(b, n, dtype=torch.long, device=x.visual.device).scatter_(1, kept, 1)
         rest = is_dominant.sort(dim=1, stable=True).indices[:, :n - dominant]  # ascending non-dominant
-        metric = x.keys if x.keys is not None else x.visual
+        metric = x.visual if self.options.metric == "visual" or x.keys is None else x.keys
         extra = contextual_tokens(x.visual, metric, rest, count).to(x.visual.dtype)
         return Reduction(kept, extra=extra, prefix=prefix)
 

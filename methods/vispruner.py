@@ -31,7 +31,8 @@ Bugs of the reference code (Theia-4869/VisPruner @aefa01a) fixed here, and devia
   even |ρ| in every round, where both agree.
 - A round never drops more than |A| tokens (the reference's slice silently drops all of A then).
 - Ties go to the lower index / earlier list position (stable sorts); the reference's unstable
-  ``argsort`` order on ties is unspecified. Scores and similarities are fp32 (reference: fp16).
+  ``argsort`` order on ties is unspecified. Scores and similarities are fp32, fp64 for fp64
+  input (reference: fp16); rounding can swap near-equal survivors and so change later rounds.
 - The projector runs on the kept tokens only (the reference projects all, then selects): same
   result. LLaVA-NeXT (per-crop keeps, dropped newlines) is out of scope.
 
@@ -65,7 +66,7 @@ from tokenbench import ModelInfo, Reduction, Site, SiteInput, Stage, TokenCompre
 def remove_duplicates(features: torch.Tensor, residual: torch.Tensor, target: int, step: int = 8) -> torch.Tensor:
     """Shrink ``residual`` [B, R] (indices into ``features`` [B, N, D], in list order) to ``target``
     tokens by VisPruner's alternating bipartite removal; returns the survivors in list order."""
-    unit = F.normalize(features.float(), dim=2)
+    unit = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=2)
     while True:
         size = residual.shape[1]
         drop = min(step, size - target, math.ceil(size / 2))
