@@ -73,12 +73,12 @@ def signal_for_option(choice: Importance) -> str:
 
 
 def importance_scores(name: str, x: SiteInput) -> torch.Tensor:
-    """fp32 [B, N] importance from whichever of ``cls_attention`` / ``attention_received`` the
+    """[B, N] importance (fp32, or fp64 for fp64 input) from whichever of ``cls_attention`` / ``attention_received`` the
     site holds; ``ValueError`` if neither is there or the scores or features are not finite."""
     scores = x.cls_attention if x.cls_attention is not None else x.attention_received
     if scores is None:
         raise ValueError(f"{name} needs cls_attention or attention_received; the adapter provided neither")
-    scores = scores.float()
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp32, fp64 for fp64 input
     if tuple(scores.shape) != tuple(x.visual.shape[:2]):
         raise ValueError(f"{name}: importance scores {tuple(scores.shape)} do not match the visual tokens "
                          f"{tuple(x.visual.shape[:2])}")
