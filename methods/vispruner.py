@@ -62,20 +62,37 @@ from tokenbench.methods.fastervlm import (
 import tokenbench
 from tokenbench import ModelInfo, Reduction, Site, SiteInput, Stage, TokenCompressor
 
+GRAM_LIMIT = 1 << 24  # similarity entries computed up front (64 MiB in fp32), else per round
+
 
 def remove_duplicates(features: torch.Tensor, residual: torch.Tensor, target: int, step: int = 8) -> torch.Tensor:
     """Shrink ``residual`` [B, R] (indices into ``features`` [B, N, D], in list order) to ``target``
-    tokens by VisPruner's alternating bipartite removal; returns the survivors in list order."""
+    tokens by VisPruner's alternating bipartite removal; returns the survivors in list order.
+
+    The cosine similarities of the residual tokens are computed once (``GRAM_LIMIT`` entries at most,
+    else per round) and each round reads its A×B block from them."""
     unit = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=2)
-    while True:
-        size = residual.shape[1]
+    batch, size = residual.shape
+    gram = None
+    if batch * size * size <= GRAM_LIMIT:
+        rows = _rows(unit, residual)
+        gram = rows @ rows.transpose(1, 2)  # [B, R, R], indexed by position in the first residual list
+        residual = torch.stack([residual, torch.arange(size, device=residual.device).expand(batch, size)])
+    else:
+        residual = residual.unsqueeze(0)
+    while True:  # residual [1|2, B, R]: the indices and, with the Gram matrix, their Gram positions
+        size = residual.shape[2]
         drop = min(step, size - target, math.ceil(size / 2))
         if target <= 0 or drop <= 0:
-            return residual[:, :max(target, 0)]
-        a, b = residual[:, 0::2], residual[:, 1::2]
-        best = (_rows(unit, a) @ _rows(unit, b).transpose(1, 2)).amax(dim=2)  # [B, |A|]
-        order = best.argsort(dim=1, descending=True, stable=True)
-        residual = torch.cat([a.gather(1, order[:, drop:]), b], dim=1)
+            return residual[0, :, :max(target, 0)]
+        a, b = residual[:, :, 0::2], residual[:, :, 1::2]
+        if gram is None:
+            similarity = _rows(unit, a[0]) @ _rows(unit, b[0]).transpose(1, 2)
+        else:
+            similarity = gram.gather(1, a[1].unsqueeze(-1).expand(-1, -1, gram.shape[2])).gather(
+                2, b[1].unsqueeze(1).expand(-1, a.shape[2], -1))
+        order = similarity.amax(dim=2).argsort(dim=1, descending=True, stable=True)[:, drop:]
+        residual = torch.cat([a.gather(2, order.expand(a.shape[0], -1, -1)), b], dim=2)
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

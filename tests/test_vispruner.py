@@ -103,3 +103,15 @@ def test_degenerate_inputs():
     x.visual[1, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="infinite"):
         method.reduce(x)
+
+
+def test_per_round_similarities_equal_the_precomputed_ones(monkeypatch):
+    """Residual lists too large for the up-front Gram matrix compute each round's block directly."""
+    import tokenbench.methods.vispruner as module
+
+    x = llava_input(3, 64, seed=8)
+    x.visual = x.visual.double()
+    upfront = VisPruner().reduce(x).keep
+    monkeypatch.setattr(module, "GRAM_LIMIT", 0)
+    assert torch.equal(VisPruner().reduce(x).keep, upfront)
+    assert upfront.tolist() == slow_vispruner(x, 64, 0.5)
