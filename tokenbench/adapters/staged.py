@@ -156,12 +156,12 @@ class StagedAdapter(VLMAdapter):
         n = encoded.n_visual
         info = self.info(n, grid=encoded.grid)
         sites = list(compressor.schedule(n, budget.target(n), info))
-        check_signals(compressor.name, compressor.needs, sites, info)
         unsupported = sorted({str(site.stage) for site, _ in sites} - {str(s) for s in self.stages})
         if unsupported:
             raise AdapterError(f"method '{compressor.name}' scheduled stage(s) {', '.join(unsupported)}, which "
                                f"the {self.name} adapter does not offer; it offers "
                                f"{', '.join(sorted(str(s) for s in self.stages))}")
+        check_signals(compressor.name, compressor.needs, sites, info)
         return Plan(compressor, sites, torch.Generator().manual_seed(seed))
 
     def _placeholder_sequence(self, encoded: Encoded, decoder: Decoder) -> TokenSequence:
