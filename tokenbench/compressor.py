@@ -9,14 +9,19 @@ and only the extra signals the method declared in ``needs``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-SIGNALS = frozenset({"attention", "keys", "text", "cls_attention"})
+SIGNALS = frozenset({"attention", "keys", "text", "cls_attention", "cls_token", "attention_received"})
+#: Signals that read a vision encoder's attention: a CLS row, or received attention streamed over
+#: query chunks beside the fused kernel (never a full map), or the next block's CLS row (E2); each
+#: makes a method ``probe``.
+VISION_ATTENTION_SIGNALS = frozenset({"cls_attention", "attention_received", "cls_attention_next"})
 # Signals of the LLM's hidden states and KV cache at ``llm`` sites (spec wave 2, E4/E5): see SiteInput.
 LLM_STATE_SIGNALS = frozenset({"key_l1", "final_norm", "input_states"})
 SIGNALS = SIGNALS | LLM_STATE_SIGNALS
@@ -94,6 +99,9 @@ class ModelInfo:
     grid: tuple[int, int]  # visual-token grid (h, w) of this image at the compression stages
     n_visual: int  # visual tokens of this image entering the LLM without compression
     arch: Architecture
+    # The signals the adapter serves at each stage; None when the adapter does not say (then a
+    # missing signal is only found when a site runs). See :func:`check_signals`.
+    signals: Mapping[Stage, frozenset[str]] | None = field(default=None, compare=False, hash=False)
 
     @property
     def llm_layers(self) -> int:
@@ -107,6 +115,10 @@ class ModelInfo:
         """Map "layer ``layer`` of a ``of``-layer LLM" onto this model's depth (at least 1)."""
         scaled = round(layer * self.llm_layers / of)
         return min(max(scaled, 1), self.llm_layers - 1)
+
+    def serves(self, signal: str, stage: Stage) -> bool:
+        """Whether the adapter serves ``signal`` at ``stage`` (True when it does not say)."""
+        return self.signals is None or signal in self.signals.get(stage, frozenset())
 
 
 @dataclass
@@ -123,6 +135,13 @@ class SiteInput:
     - ``text`` [B, T, Dt]: the text tokens that follow the image, in LLM space: their input embeddings
       at pre-LLM stages, their hidden states entering the site's layer at ``llm`` sites.
     - ``cls_attention`` [B, N]: head-mean attention of the vision encoder's CLS query at the selected layer.
+    - ``cls_token`` [B, 1, D]: the vision encoder's CLS output at the selected layer (``vision_out``
+      only; encoders without a CLS token, e.g. Qwen2-VL, cannot serve it). Place it in the visual
+      span with ``Reduction.prefix``.
+    - ``attention_received`` [B, N]: attention each visual token receives in the selected vision
+      block, averaged over heads and over every query row (all tokens, CLS included where there is
+      one), pooled like the features (Qwen2-VL: summed over each merged 2×2 group). The signal for
+      encoders without a CLS token; adapters stream it over query chunks, never a full map.
     - ``cls_attention_next`` [B, N]: the CLS query's attention to the patches in the vision block *after*
       the selected one, run on the selected features (softmax over CLS + patches): the head mean, or
       with ``next_block_heads="concat"`` one softmax over the heads' concatenated q·k (scale 1/√width).
@@ -163,6 +182,8 @@ class SiteInput:
     keys: torch.Tensor | None = None
     text: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
+    cls_token: torch.Tensor | None = None
+    attention_received: torch.Tensor | None = None
     key_l1: torch.Tensor | None = None
     text_key_l1: torch.Tensor | None = None
     normed_visual: torch.Tensor | None = None
@@ -184,12 +205,16 @@ class Reduction:
     - ``values`` [B, K, D]: optional merged features for the kept tokens (default: the originals).
     - ``extra`` [B, E, D]: optional new tokens appended after the kept ones (e.g. recycled clusters).
     - ``sizes`` [B, K]: optional token sizes after merging (ToMe's size tracking).
+    - ``prefix`` [B, P, D]: optional new tokens placed *before* the kept ones (e.g. VisionZip's CLS
+      token), origin -1; only at pre-LLM sites (``vision_out``, ``projector``), where they pass
+      through the projector with the kept tokens. They count toward the plan's ``keep``.
     """
 
     keep: torch.Tensor
     values: torch.Tensor | None = None
     extra: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
 
     def check(self, x: SiteInput) -> None:
         """Raise ``ValueError`` if this reduction breaks the contract for input ``x``."""
@@ -200,8 +225,10 @@ class Reduction:
         if keep.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"keep must hold integer indices, got {keep.dtype}")
         k = keep.shape[1]
-        if k > max(x.keep, 0) and k > 0 and x.keep < n:
-            raise ValueError(f"kept {k} tokens but the plan allows {x.keep}")
+        p = self.prefix.shape[1] if self.prefix is not None and self.prefix.dim() == 3 else 0
+        if k + p > max(x.keep, 0) and k + p > 0 and x.keep < n:
+            raise ValueError(f"kept {k} tokens" + (f" plus {p} prefix tokens" if p else "")
+                             + f" but the plan allows {x.keep}")
         if k and (keep.min() < 0 or keep.max() >= n):
             raise ValueError(f"keep indices must lie in [0, {n})")
         if k > 1 and not bool((keep[:, 1:] > keep[:, :-1]).all()):
@@ -213,6 +240,12 @@ class Reduction:
             raise ValueError(f"extra must be [{b}, E, {d}], got {tuple(self.extra.shape)}")
         if self.sizes is not None and tuple(self.sizes.shape) != (b, k):
             raise ValueError(f"sizes must be [{b}, {k}], got {tuple(self.sizes.shape)}")
+        if self.prefix is not None:
+            if self.prefix.dim() != 3 or self.prefix.shape[0] != b or self.prefix.shape[2] != d:
+                raise ValueError(f"prefix must be [{b}, P, {d}], got {tuple(self.prefix.shape)}")
+            if x.site.stage not in (Stage.VISION_OUT, Stage.PROJECTOR):
+                raise ValueError(f"prefix tokens are only allowed at vision_out and projector sites, "
+                                 f"not {x.site.stage}")
 
 
 class TokenCompressor:
@@ -228,7 +261,8 @@ class TokenCompressor:
     recomputes them with layer ``l``'s own input norm and projections on the hidden states entering
     it, before it runs, PyramidDrop's convention). Options are the nested
     pydantic model ``Options``; unknown keys are rejected. An instance may refine ``needs`` or
-    ``attention_queries`` from its options in ``__init__``.
+    ``attention_queries`` from its options in ``__init__``, or ``needs`` from what the adapter
+    serves (``ModelInfo.signals``) in ``schedule``: adapters read ``needs`` after ``schedule``.
     """
 
     name: ClassVar[str] = ""
@@ -290,13 +324,25 @@ class TokenCompressor:
 
 
 def flash_attention_class(needs: frozenset[str], queries: AttentionQueries = "last") -> FlashAttentionClass:
-    if "cls_attention_next" in needs and not ("attention" in needs and queries == "all"):
-        return "probe"  # one CLS query row of the next vision block
-    if "attention" not in needs and "cls_attention" not in needs:
+    """``native`` without attention signals; ``eager`` for full LLM maps (``attention`` from ``all``
+    queries); else ``probe``: LLM rows, the vision CLS row, or received attention streamed over
+    query chunks beside the fused kernel (:data:`VISION_ATTENTION_SIGNALS`)."""
+    if "attention" not in needs and not VISION_ATTENTION_SIGNALS & set(needs):
         return "native"
     if "attention" in needs and queries == "all":
         return "eager"
     return "probe"
+
+
+def check_signals(name: str, needs: Iterable[str], plan: list[tuple[Site, int]], info: ModelInfo) -> None:
+    """Raise :class:`Infeasible` naming the signal and the adapter when a planned site needs a signal
+    the adapter does not serve there (``ModelInfo.signals``), before any site runs."""
+    for site, _ in plan:
+        missing = sorted(s for s in needs if not info.serves(s, site.stage))
+        if missing:
+            served = ", ".join(sorted(info.signals.get(site.stage, ()))) or "none"  # type: ignore[union-attr]
+            raise Infeasible(f"method '{name}' needs {', '.join(missing)} at {site.stage}, which the "
+                             f"{info.family} adapter does not serve there (it serves: {served})")
 
 
 def layer_averaged_tokens(n_visual: int, plan: list[tuple[Site, int]], llm_layers: int,

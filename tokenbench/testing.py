@@ -93,6 +93,10 @@ def synthetic_input(compressor: TokenCompressor, site: Site, keep: int, n: int, 
         signals["clip_visual"] = torch.randn(batch, n, width, generator=gen)
     if "clip_text" in compressor.needs:
         signals["clip_text"] = torch.randn(batch, 2, width, generator=gen)
+    if "cls_token" in compressor.needs:
+        signals["cls_token"] = torch.randn(batch, 1, width, generator=gen).to(dtype)
+    if "attention_received" in compressor.needs:
+        signals["attention_received"] = torch.rand(batch, n, generator=gen).softmax(-1).to(dtype)
     return SiteInput(visual=visual, origin=origin, grid=grid, keep=keep, site=site,
                      generator=torch.Generator().manual_seed(seed + 1),
                      sizes=torch.ones(batch, n, dtype=dtype), **signals)
@@ -128,8 +132,9 @@ def check_reduction(compressor: TokenCompressor, x: SiteInput) -> Reduction:
         result.check(x)
     except ValueError as exc:
         raise AssertionError(f"{compressor.name} at {x.site}: {exc}") from None
-    assert result.keep.shape[1] <= x.keep, f"{compressor.name}: kept more than {x.keep}"
-    for name in ("values", "extra"):
+    prefix = result.prefix.shape[1] if result.prefix is not None else 0
+    assert result.keep.shape[1] + prefix <= x.keep, f"{compressor.name}: kept more than {x.keep}"
+    for name in ("values", "extra", "prefix"):
         tensor = getattr(result, name)
         if tensor is not None:
             assert tensor.dtype == x.visual.dtype, f"{compressor.name}: {name} dtype {tensor.dtype} != input"
@@ -138,7 +143,8 @@ def check_reduction(compressor: TokenCompressor, x: SiteInput) -> Reduction:
 
 
 def _same(a: Reduction, b: Reduction) -> bool:
-    pairs = [(a.keep, b.keep), (a.values, b.values), (a.extra, b.extra), (a.sizes, b.sizes)]
+    pairs = [(a.keep, b.keep), (a.values, b.values), (a.extra, b.extra), (a.sizes, b.sizes),
+             (a.prefix, b.prefix)]
     return all((p is None and q is None) or (p is not None and q is not None and torch.equal(p, q))
                for p, q in pairs)
 
@@ -153,7 +159,8 @@ def check_plan_reductions(compressor: TokenCompressor, info: ModelInfo, plan: li
         again = check_reduction(compressor, synthetic_input(compressor, site, keep, n, info.grid, batch=batch,
                                                             dtype=dtype, seed=index))
         assert _same(first, again), f"{compressor.name} at {site}: not deterministic under a fixed seed"
-        n = first.keep.shape[1] + (first.extra.shape[1] if first.extra is not None else 0)
+        n = first.keep.shape[1] + (first.extra.shape[1] if first.extra is not None else 0) + (
+            first.prefix.shape[1] if first.prefix is not None else 0)
 
 
 def check_compressor(cls: type[TokenCompressor], options: dict[str, Any] | None = None, *,

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tokenbench.adapters.placement import input_device
 from tokenbench.budget import Budget
-from tokenbench.compressor import ModelInfo, Site, Stage, TokenCompressor
+from tokenbench.compressor import Infeasible, ModelInfo, Site, Stage, TokenCompressor, check_signals
 
 
 @dataclass
@@ -121,8 +121,12 @@ class VLMAdapter(ABC):
                                plan: Sequence[tuple[Site, int]]) -> str | None:
         """Why this adapter cannot serve a signal that ``compressor`` needs at a site of ``plan``
         (the harness and ``generate`` then treat the plan as ``Infeasible`` with this reason), or
-        ``None``. Covers the wave-2 signals (next-block and CLIP); the others are checked when a
-        site runs."""
+        ``None``. Here: the stage-level check against ``ModelInfo.signals``; families extend it with
+        what depends on the checkpoint (a next vision block, an auxiliary CLIP model)."""
+        try:
+            check_signals(compressor.name, compressor.needs, list(plan), self.info())
+        except Infeasible as exc:
+            return str(exc)
         return None
 
     @property

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -32,8 +32,8 @@ from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
 from tokenbench.adapters.clip_space import ClipSpace
 from tokenbench.adapters.loading import load_checkpoint
 from tokenbench.adapters.placement import execution_device
-from tokenbench.adapters.prefill import TokenSequence
-from tokenbench.adapters.probe import head_mean_keys, head_mean_probs
+from tokenbench.adapters.prefill import LLM_SITE_SIGNALS, TokenSequence
+from tokenbench.adapters.probe import head_mean_keys, head_mean_probs, head_mean_received
 from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
 from tokenbench.compressor import (
@@ -58,6 +58,15 @@ class LlavaAdapter(StagedAdapter):
     description = "LLaVA-1.5: CLIP ViT-L/336 (24×24 patches), MLP projector, Llama decoder"
     protocols = ("llava", "hf")
     default_protocol = "llava"
+    #: The signals each stage serves (``ModelInfo.signals``); ``schedule`` and the harness refuse
+    #: a method that needs another one there.
+    served_signals: ClassVar[dict[Stage, frozenset[str]]] = {
+        Stage.VISION: frozenset({"keys"}),
+        Stage.VISION_OUT: frozenset({"cls_attention", "cls_token", "attention_received", "keys", "text"})
+        | NEXT_BLOCK_SIGNALS | CLIP_SIGNALS,
+        Stage.PROJECTOR: frozenset({"text"}) | CLIP_SIGNALS,
+        Stage.LLM: LLM_SITE_SIGNALS,
+    }
 
     def __init__(self, model: torch.nn.Module, processor: object) -> None:
         super().__init__(model, processor)
@@ -94,7 +103,7 @@ class LlavaAdapter(StagedAdapter):
             vision_layers=self.vision_blocks, vision_hidden=vision.hidden_size,
             vision_intermediate=vision.intermediate_size, vision_tokens=grid[0] * grid[1] + 1,
             projector_in=vision.hidden_size, projector_hidden=text.hidden_size, gated_mlp=True)
-        return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch)
+        return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch, self.served_signals)
 
     def _encode(self, prompts: Sequence[Prompt]) -> Encoded:
         processor = self.processor
@@ -151,6 +160,12 @@ class LlavaAdapter(StagedAdapter):
                 signals["cls_attention"] = self._cls_attention(block_input, bias)
                 for trace in traces:
                     trace.probe_rows += 1
+            if "attention_received" in needs:
+                signals["attention_received"] = self._received_attention(block_input, bias)
+                for trace in traces:
+                    trace.probe_rows += block_input.shape[1]
+            if "cls_token" in needs:
+                signals["cls_token"] = hidden[:, :1]
             if "keys" in needs:
                 signals["keys"] = _clip_keys(tower.encoder.layers[self.vision_blocks - 1], block_input)[:, 1:]
             if "text" in needs:
@@ -181,6 +196,18 @@ class LlavaAdapter(StagedAdapter):
         bias = None if bias is None else bias[:, 0].to(normed.device)
         return head_mean_probs(queries, keys, attn.scale, bias=bias)[:, 0, 1:].to(block_input.device)
 
+    def _received_attention(self, block_input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Attention each patch receives in the block that produced the selected layer, averaged
+        over heads and all queries (CLS included), streamed over query chunks."""
+        block = self.model.model.vision_tower.encoder.layers[self.vision_blocks - 1]
+        attn = block.self_attn
+        normed = block.layer_norm1(block_input)
+        b, t, _ = normed.shape
+        queries = attn.q_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        keys = attn.k_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        received = head_mean_received(queries, keys, attn.scale, bias=None if bias is None else bias[:, 0])
+        return received[:, 1:]
+
     def unserved_signal_reason(self, compressor: TokenCompressor,
                                plan: Sequence[tuple[Site, int]]) -> str | None:
         next_block, clip = compressor.needs & NEXT_BLOCK_SIGNALS, compressor.needs & CLIP_SIGNALS
@@ -200,7 +227,7 @@ class LlavaAdapter(StagedAdapter):
                     self._clip_space(compressor)
                 except AdapterError as exc:
                     return self._refusal(compressor, clip, f"here: {exc}")
-        return None
+        return super().unserved_signal_reason(compressor, plan)
 
     def _refusal(self, compressor: TokenCompressor, signals: frozenset[str], why: str) -> str:
         return (f"method '{compressor.name}' needs {', '.join(sorted(signals))}, which the {self.name} "

@@ -47,9 +47,11 @@ from tokenbench.adapters.base import AdapterError, TokenTrace
 from tokenbench.adapters.placement import execution_device
 from tokenbench.adapters.probe import RotaryFn, decoder_attention_rows, head_mean_keys
 from tokenbench.adapters.sites import Applied, VisualBlock, run_site
-from tokenbench.compressor import Site, Stage, TokenCompressor
+from tokenbench.compressor import LLM_STATE_SIGNALS, Site, Stage, TokenCompressor
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+#: The signals the staged prefill serves at every ``llm`` site, whatever the family.
+LLM_SITE_SIGNALS = frozenset({"attention", "keys", "text"}) | LLM_STATE_SIGNALS
 
 
 @dataclass

@@ -53,3 +53,24 @@ def head_mean_keys(k_proj: torch.nn.Module, normed: torch.Tensor, head_dim: int)
     """Head-mean attention keys ``[B, N, d]`` (before any rotary embedding) of ``normed`` [B, N, D]."""
     b, n, _ = normed.shape
     return k_proj(normed).view(b, n, -1, head_dim).mean(dim=2)
+
+
+def head_mean_received(queries: torch.Tensor, keys: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+                       max_scores: int = 1 << 24) -> torch.Tensor:
+    """Attention each key receives, averaged over heads and over every query row: ``[B, S]``.
+
+    ``queries`` [B, H, Q, d], ``keys`` [B, H, S, d], ``bias`` [B, 1, S] additive logits. The
+    softmax rows are computed ``max_scores // (B·H·S)`` queries at a time and summed column-wise,
+    so at most that many scores exist at once (never the full ``Q × S`` map); float32.
+    """
+    b, h, q, _ = queries.shape
+    s = keys.shape[2]
+    keys = keys.float().transpose(-1, -2)
+    chunk = max(1, max_scores // max(b * h * s, 1))
+    received = queries.new_zeros(b, h, s, dtype=torch.float32)
+    for start in range(0, q, chunk):
+        scores = torch.matmul(queries[:, :, start:start + chunk].float(), keys) * scale
+        if bias is not None:
+            scores = scores + bias.float().unsqueeze(1)
+        received += scores.softmax(dim=-1).sum(dim=2)
+    return received.mean(dim=1) / q

@@ -13,16 +13,19 @@ method's ``positions`` policy, and decoding continues at ``max id + 1`` exactly 
 
 from __future__ import annotations
 
+import itertools
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
 from tokenbench.adapters.loading import load_checkpoint
-from tokenbench.adapters.prefill import TokenSequence
+from tokenbench.adapters.prefill import LLM_SITE_SIGNALS, TokenSequence
+from tokenbench.adapters.probe import head_mean_received
 from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
 from tokenbench.compressor import (
@@ -63,6 +66,12 @@ class Qwen2VLAdapter(StagedAdapter):
     stages = frozenset({Stage.PROJECTOR, Stage.LLM})
     description = "Qwen2-VL / Qwen2.5-VL: dynamic-resolution ViT, 2×2 patch merger, M-RoPE decoder"
     fixed_position_policy = "original"
+    #: The signals each stage serves (``ModelInfo.signals``). The encoder has no CLS token, so no
+    #: ``cls_attention`` / ``cls_token``; ``attention_received`` comes from the last ViT block.
+    served_signals: ClassVar[dict[Stage, frozenset[str]]] = {
+        Stage.PROJECTOR: frozenset({"attention_received", "text"}),
+        Stage.LLM: LLM_SITE_SIGNALS,
+    }
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         super().__init__(model, processor)
@@ -96,7 +105,7 @@ class Qwen2VLAdapter(StagedAdapter):
             vision_layers=vision.depth, vision_hidden=width, vision_intermediate=mlp,
             vision_tokens=patches, projector_in=merged, projector_hidden=merged,
             gated_mlp=True)
-        return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch)
+        return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch, self.served_signals)
 
     def unserved_signal_reason(self, compressor: TokenCompressor,
                                plan: Sequence[tuple[Site, int]]) -> str | None:
@@ -106,7 +115,7 @@ class Qwen2VLAdapter(StagedAdapter):
         if plan and unserved:
             return (f"method '{compressor.name}' needs {', '.join(sorted(unserved))}, which the {self.name} "
                     "adapter cannot serve: its vision encoder has no CLS token and no CLIP text tower")
-        return None
+        return super().unserved_signal_reason(compressor, plan)
 
     def _batch_key(self, prompt: Prompt) -> Any:
         return prompt.image.size if prompt.image is not None else None
@@ -139,7 +148,20 @@ class Qwen2VLAdapter(StagedAdapter):
     def _visual_tokens(self, encoded: Encoded, plan: Plan, sequence: TokenSequence,
                        traces: list[TokenTrace]) -> VisualBlock:
         inputs = encoded.image_inputs
-        features = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        compressor = plan.compressor
+        keep = plan.at(Stage.PROJECTOR)
+        needs = compressor.needs if compressor is not None and keep else frozenset()
+        visual = self.model.model.visual
+        captured: dict[str, Any] = {}
+        hook = None
+        if "attention_received" in needs:  # the last block's inputs, to recompute its attention
+            hook = visual.blocks[-1].register_forward_pre_hook(
+                lambda module, args, kwargs: captured.update(args=args, kwargs=kwargs), with_kwargs=True)
+        try:
+            features = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        finally:
+            if hook is not None:
+                hook.remove()
         merged = torch.stack(list(features.pooler_output)).to(self.dtype)
         tokens = merged.shape[1] * self.merge ** 2
         depth = self.model.config.vision_config.depth
@@ -148,10 +170,49 @@ class Qwen2VLAdapter(StagedAdapter):
             trace.vision.extend([tokens] * depth)
             trace.eager_attention_calls += depth * int(eager)
         block = VisualBlock.fresh(merged)
-        keep = plan.at(Stage.PROJECTOR)
         if keep:
-            compressor = plan.compressor
-            signals = {"text": sequence.text_after_image()} if "text" in compressor.needs else {}
+            signals = {"text": sequence.text_after_image()} if "text" in needs else {}
+            if "attention_received" in needs:
+                signals["attention_received"] = self._received_attention(captured, inputs["image_grid_thw"],
+                                                                         merged.shape[:2])
+                for trace in traces:
+                    trace.probe_rows += tokens
             block = run_site(compressor, Site(Stage.PROJECTOR), keep[0], block, encoded.grid, plan.generator,
                              **signals).block
         return block
+
+    def _received_attention(self, captured: dict[str, Any], grid_thw: torch.Tensor,
+                            shape: tuple[int, int]) -> torch.Tensor:
+        """Attention each merged token receives in the last ViT block: the block's softmax attention
+        (within its ``cu_seqlens`` segments: whole images, or windows in a windowed block), summed
+        over queries and divided by the image's patch count, averaged over heads and summed over the
+        merge² patches of each merged token (so a full-attention block's signal sums to 1 per image);
+        streamed over query chunks. ``shape`` = (B, N)."""
+        visual = self.model.model.visual
+        block = visual.blocks[-1]
+        attn = block.attn
+        kwargs = captured["kwargs"]
+        hidden = captured["args"][0] if captured["args"] else kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        normed = block.norm1(hidden)
+        length = normed.shape[0]
+        queries, keys, _ = attn.qkv(normed).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        queries, keys = rotary(queries, keys, cos, sin)
+        bounds = kwargs["cu_seqlens"].tolist()
+        received = torch.zeros(length, dtype=torch.float32, device=normed.device)
+        for start, end in itertools.pairwise(bounds):  # one segment per image (or window)
+            q = queries[start:end].transpose(0, 1)[None]
+            k = keys[start:end].transpose(0, 1)[None]
+            received[start:end] = head_mean_received(q, k, attn.scaling)[0] * (end - start)
+        unit = self.merge ** 2
+        pooled = received.view(-1, unit).sum(dim=1)
+        if hasattr(visual, "fullatt_block_indexes"):  # Qwen2.5-VL: blocks run in window order
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                                      window_size=visual.window_size,
+                                                      patch_size=visual.patch_size)
+            pooled = pooled[torch.argsort(window_index.to(pooled.device))]
+        batch, n = shape
+        return pooled.view(batch, n) / (n * unit)

@@ -67,7 +67,8 @@ def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBl
 
 
 def apply_reduction(block: VisualBlock, reduction: Reduction) -> Applied:
-    """Gather the kept tokens (or their merged ``values``) and append ``extra`` tokens."""
+    """Gather the kept tokens (or their merged ``values``), append ``extra`` tokens and put
+    ``prefix`` tokens first (both with origin -1)."""
     keep = reduction.keep.to(block.tokens.device, torch.long)
     b = keep.shape[0]
     tokens = reduction.values if reduction.values is not None else _take(block.tokens, keep)
@@ -83,6 +84,13 @@ def apply_reduction(block: VisualBlock, reduction: Reduction) -> Applied:
         origin = torch.cat([origin, minus], dim=1)
         sizes = torch.cat([sizes, torch.ones(b, n_extra, dtype=sizes.dtype, device=sizes.device)], dim=1)
         source = torch.cat([keep, minus], dim=1)
+    if reduction.prefix is not None and reduction.prefix.shape[1]:
+        n_prefix = reduction.prefix.shape[1]
+        tokens = torch.cat([reduction.prefix.to(tokens), tokens], dim=1)
+        minus = torch.full((b, n_prefix), -1, dtype=torch.long, device=keep.device)
+        origin = torch.cat([minus, origin], dim=1)
+        sizes = torch.cat([torch.ones(b, n_prefix, dtype=sizes.dtype, device=sizes.device), sizes], dim=1)
+        source = torch.cat([minus, source], dim=1)
     return Applied(VisualBlock(tokens.to(block.tokens.dtype), origin, sizes), source, n_extra)
 
 
