@@ -79,6 +79,15 @@ class ModelInfo:
     grid: tuple[int, int]  # visual-token grid (h, w) of this image at the compression stages
     n_visual: int  # visual tokens of this image entering the LLM without compression
     arch: Architecture
+    # Multi-crop (anyres) images, spec wave 2 §20 E9: the (h, w) token grid of every crop, crop 0
+    # first (LLaVA-NeXT: the base image, then each sub-crop's part that survives unpadding). Empty
+    # for single-grid families. Newline tokens are layout, not visual tokens, and are not counted.
+    crops: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def crop_tokens(self) -> tuple[int, ...]:
+        """Visual tokens of each crop (they sum to ``n_visual`` for multi-crop images)."""
+        return tuple(h * w for h, w in self.crops)
 
     @property
     def llm_layers(self) -> int:
@@ -109,6 +118,9 @@ class SiteInput:
       at pre-LLM stages, their hidden states entering the site's layer at ``llm`` sites.
     - ``cls_attention`` [B, N]: head-mean attention of the vision encoder's CLS query at the selected layer.
     - ``generator``: seeded by the harness; use it for any randomness.
+    - ``crops``: (h, w) grid of every crop of a multi-crop image (``ModelInfo.crops``), else empty.
+    - ``crop_origin`` [B, N, 3]: (crop, y, x) of each token's origin in the crops (-1 for appended
+      tokens); ``None`` for single-grid families. Methods that rank per crop group tokens by crop.
     """
 
     visual: torch.Tensor
@@ -122,6 +134,8 @@ class SiteInput:
     keys: torch.Tensor | None = None
     text: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
+    crops: tuple[tuple[int, int], ...] = ()
+    crop_origin: torch.Tensor | None = None
 
 
 @dataclass

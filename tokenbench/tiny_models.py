@@ -183,3 +183,49 @@ def tiny_qwen2_vl(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS
     processor_class = "Qwen2VLProcessor" if variant == "qwen2_vl" else "Qwen2_5_VLProcessor"
     (directory / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}))
     return directory
+
+
+TINY_ANYRES_PINPOINTS = [[112, 224], [224, 112], [224, 224]]
+
+
+def llava_next_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = 336, patch_size: int = 14,
+                         pinpoints: Sequence[Sequence[int]] | None = None) -> Any:
+    """LLaVA-NeXT's processor: anyres CLIP preprocessing (base crop plus ``pinpoints`` sub-crops at
+    ``image_size``) and ``<image>`` expanded to the unpadded token count with newlines."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    kwargs = {} if pinpoints is None else {"image_grid_pinpoints": [list(p) for p in pinpoints]}
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, **kwargs)
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=tokenizer.chat_template)
+
+
+def tiny_llava_next(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, vision_layers: int = 3,
+                    llm_layers: int = 4, image_size: int = 112, seed: int = 0) -> Path:
+    """A random-weight LLaVA-NeXT: CLIP at ``image_size`` px, patch 14 (8×8 = 64 tokens per crop at
+    112 px), sub-crops tiled from 1×2, 2×1 and 2×2 pinpoints (up to 64 + 256 visual tokens plus 16
+    newlines), ``vision_feature_layer=-2`` with CLS dropped, Llama decoder of hidden size 64."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    directory = Path(directory)
+    tokenizer = llava_tokenizer(words)
+    pinpoints = [[image_size * a // 112, image_size * b // 112] for a, b in TINY_ANYRES_PINPOINTS]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=2, image_size=image_size, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=llm_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaNextConfig(vision_config=vision, text_config=text,
+                             image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=pinpoints, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    processor = llava_next_processor(tokenizer, image_size, 14, pinpoints)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tokenbench
 from tokenbench.adapters.llava import LlavaAdapter
+from tokenbench.adapters.llava_next import LlavaNextAdapter
 from tokenbench.adapters.qwen2_vl import Qwen2VLAdapter
 
 
@@ -11,3 +12,4 @@ from tokenbench.adapters.qwen2_vl import Qwen2VLAdapter
 def register_adapters(register):
     register(LlavaAdapter)
     register(Qwen2VLAdapter)
+    register(LlavaNextAdapter)

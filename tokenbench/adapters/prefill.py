@@ -36,7 +36,15 @@ from torch import nn
 
 from tokenbench.adapters.base import AdapterError, TokenTrace
 from tokenbench.adapters.probe import RotaryFn, decoder_attention_rows, head_mean_keys
-from tokenbench.adapters.sites import Applied, VisualBlock, run_site
+from tokenbench.adapters.sites import (
+    Applied,
+    CropLayout,
+    VisualBlock,
+    newline_positions,
+    run_site,
+    visual_positions,
+    with_newlines,
+)
 from tokenbench.compressor import Site, Stage, TokenCompressor
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -59,8 +67,10 @@ class Decoder:
 class TokenSequence:
     """A left-padded batch of prompts with one visual span per row.
 
-    The visual span of row ``b`` is ``[visual_start[b], visual_start[b] + n_visual)``; every row
-    has the same ``n_visual`` (reductions keep the same count per row), so rows stay aligned.
+    The visual span of row ``b`` is ``[visual_start[b], visual_start[b] + n_span)``; every row has
+    the same ``n_span`` (reductions keep the same count per row), so rows stay aligned. The span
+    holds ``n_visual`` visual tokens and ``n_newlines`` layout tokens (LLaVA-NeXT's
+    ``image_newline``, marked in ``block``), which stay in the sequence but are never reduced.
     """
 
     hidden: torch.Tensor  # [B, S, D]
@@ -69,20 +79,31 @@ class TokenSequence:
     visual_start: torch.Tensor  # [B] long
     block: VisualBlock  # origin / sizes of the visual span (tokens = current features)
     text_embeds: torch.Tensor | None = None  # [B, S, D] input embeddings, aligned (text signal)
+    n_newlines: int = 0  # layout tokens inside the span
 
     @property
     def n_visual(self) -> int:
+        return self.n_span - self.n_newlines
+
+    @property
+    def n_span(self) -> int:
         return self.block.origin.shape[1]
 
     def visual_index(self) -> torch.Tensor:
-        """``[B, N]`` sequence index of each visual token."""
+        """``[B, N]`` sequence index of each visual token (newline tokens skipped)."""
+        if self.n_newlines:
+            return self.visual_start[:, None] + visual_positions(self.block)
         return self.visual_start[:, None] + torch.arange(self.n_visual, device=self.hidden.device)
+
+    def span_index(self) -> torch.Tensor:
+        """``[B, n_span]`` sequence index of every token of the visual span."""
+        return self.visual_start[:, None] + torch.arange(self.n_span, device=self.hidden.device)
 
     def text_after_image(self) -> torch.Tensor:
         """Input embeddings of the text that follows the image (one row; see ``batchable``)."""
         if self.hidden.shape[0] != 1 or self.text_embeds is None:
             raise AdapterError("text signals need batch size 1; the harness batches such methods by one")
-        start = int(self.visual_start[0]) + self.n_visual
+        start = int(self.visual_start[0]) + self.n_span
         return self.text_embeds[:, start:]
 
 
@@ -90,7 +111,7 @@ def splice(seq: TokenSequence, applied: Applied, policy: str) -> TokenSequence:
     """Replace the visual span by ``applied.block`` (``applied.source`` maps new to old tokens)."""
     hidden, device = seq.hidden, seq.hidden.device
     s = hidden.shape[1]
-    n, k = seq.n_visual, applied.block.tokens.shape[1]
+    n, k = seq.n_span, applied.block.tokens.shape[1]
     new_len = s - n + k
     j = torch.arange(new_len, device=device)[None]
     start = seq.visual_start[:, None]
@@ -119,7 +140,8 @@ def splice(seq: TokenSequence, applied: Applied, policy: str) -> TokenSequence:
     text_embeds = None
     if seq.text_embeds is not None:  # the text never moves relative to the sequence's end
         text_embeds = seq.text_embeds.gather(1, text_source.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return TokenSequence(new_hidden, positions, valid, seq.visual_start, applied.block, text_embeds)
+    n_newlines = 0 if applied.block.line is None else newline_positions(applied.block).shape[1]
+    return TokenSequence(new_hidden, positions, valid, seq.visual_start, applied.block, text_embeds, n_newlines)
 
 
 def contiguous_positions(valid: torch.Tensor) -> torch.Tensor:
@@ -170,7 +192,7 @@ class StagedPrefill:
 
     def __init__(self, decoder: Decoder, compressor: TokenCompressor | None, llm_sites: dict[int, int],
                  grid: tuple[int, int], generator: torch.Generator | None, traces: list[TokenTrace],
-                 position_policy: str) -> None:
+                 position_policy: str, crops: CropLayout | None = None) -> None:
         self.decoder = decoder
         self.compressor = compressor
         self.sites = llm_sites
@@ -178,6 +200,7 @@ class StagedPrefill:
         self.generator = generator
         self.traces = traces
         self.policy = position_policy
+        self.crops = crops
         needs = compressor.needs if compressor is not None else frozenset()
         self.wants_probe = bool({"attention", "keys"} & set(needs))
 
@@ -245,8 +268,14 @@ class StagedPrefill:
         if "text" in needs:
             signals["text"] = seq.text_after_image()
         site = Site(Stage.LLM, index)
-        block = VisualBlock(_rows(seq.hidden, seq.visual_index()), seq.block.origin, seq.block.sizes)
-        applied = run_site(self.compressor, site, keep, block, self.grid, self.generator, **signals)
+        visual_at = seq.visual_index() - seq.visual_start[:, None]
+        block = VisualBlock(_rows(seq.hidden, seq.visual_index()), seq.block.origin.gather(1, visual_at),
+                            seq.block.sizes.gather(1, visual_at))
+        applied = run_site(self.compressor, site, keep, block, self.grid, self.generator, self.crops, **signals)
+        if seq.n_newlines:
+            span = VisualBlock(_rows(seq.hidden, seq.span_index()), seq.block.origin, seq.block.sizes,
+                               seq.block.line)
+            applied = with_newlines(applied, span, visual_at)
         return splice(seq, applied, self.policy)
 
     def _attention(self, seq: TokenSequence, attn: nn.Module, normed: torch.Tensor,
@@ -275,7 +304,7 @@ def query_rows(seq: TokenSequence, queries: str) -> torch.Tensor:
         return torch.arange(s, device=device).expand(b, s)
     if b != 1:
         raise AdapterError("attention_queries='text' needs batch size 1; the harness batches it by one")
-    start = int(seq.visual_start[0]) + seq.n_visual
+    start = int(seq.visual_start[0]) + seq.n_span
     return torch.arange(start, s, device=device)[None]
 
 

@@ -26,7 +26,7 @@ from tokenbench.adapters.prefill import (
     greedy_decode,
     splice,
 )
-from tokenbench.adapters.sites import Applied, VisualBlock
+from tokenbench.adapters.sites import Applied, CropLayout, VisualBlock
 from tokenbench.budget import Budget
 from tokenbench.compressor import Site, Stage, TokenCompressor
 from tokenbench.measure import Timer
@@ -42,10 +42,20 @@ class Encoded:
     image_token_id: int
     grid: tuple[int, int]  # visual-token grid of the (equal-sized) images
     positions: torch.Tensor | None = None  # family-computed position ids (M-RoPE), else derived
+    # Multi-crop images (LLaVA-NeXT): visual tokens per image when not grid[0]·grid[1], placeholder
+    # tokens per image (visual plus newline tokens), and where each visual token lies in the crops.
+    visual_count: int | None = None
+    span_count: int | None = None
+    crops: CropLayout | None = None
 
     @property
     def n_visual(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.visual_count or self.grid[0] * self.grid[1]
+
+    @property
+    def n_span(self) -> int:
+        """Placeholder tokens per image: the visual tokens plus any layout (newline) tokens."""
+        return self.span_count or self.n_visual
 
 
 @dataclass
@@ -142,9 +152,9 @@ class StagedAdapter(VLMAdapter):
             with timer.phase("vision"):
                 block = self._visual_tokens(encoded, plan, sequence, traces)
             with timer.phase("prefill"):
-                sequence = splice(sequence, Applied(block, block.origin, 0), policy)
+                sequence = splice(sequence, self._span(encoded, block), policy)
                 prefill = StagedPrefill(decoder, compressor, plan.at(Stage.LLM), encoded.grid, plan.generator,
-                                        traces, policy).run(sequence)
+                                        traces, policy, encoded.crops).run(sequence)
             with timer.phase("decode"):
                 tokens, logits = greedy_decode(decoder, prefill, max_new_tokens, self._eos_ids())
         return Run(self._generations(tokens, traces, timer.ms), tokens, logits, prefill.layer_positions)
@@ -154,7 +164,7 @@ class StagedAdapter(VLMAdapter):
         if compressor is None or budget is None:
             return Plan(None)
         n = encoded.n_visual
-        info = self.info(n, grid=encoded.grid)
+        info = self._info_of(encoded)
         sites = list(compressor.schedule(n, budget.target(n), info))
         unsupported = sorted({str(site.stage) for site, _ in sites} - {str(s) for s in self.stages})
         if unsupported:
@@ -163,19 +173,28 @@ class StagedAdapter(VLMAdapter):
                                f"{', '.join(sorted(str(s) for s in self.stages))}")
         return Plan(compressor, sites, torch.Generator().manual_seed(seed))
 
+    def _info_of(self, encoded: Encoded) -> Any:
+        """The :class:`ModelInfo` of an encoded batch's image(s)."""
+        return self.info(encoded.n_visual, grid=encoded.grid)
+
+    def _span(self, encoded: Encoded, block: VisualBlock) -> Applied:
+        """The LLM-space visual span that replaces the placeholders, from the surviving visual tokens
+        (families with layout tokens, like LLaVA-NeXT's newlines, add them here)."""
+        return Applied(block, block.origin, 0)
+
     def _placeholder_sequence(self, encoded: Encoded, decoder: Decoder) -> TokenSequence:
         """The prompt as LLM input embeddings; the visual span still holds placeholder embeddings."""
         ids, mask = encoded.input_ids, encoded.attention_mask.bool()
         is_image = ids == encoded.image_token_id
         counts = is_image.sum(dim=1)
-        if not bool((counts == encoded.n_visual).all()):
-            raise AdapterError(f"each prompt must hold exactly one image of {encoded.n_visual} tokens, "
+        if not bool((counts == encoded.n_span).all()):
+            raise AdapterError(f"each prompt must hold exactly one image of {encoded.n_span} tokens, "
                                f"got {counts.tolist()} image tokens per prompt")
         start = is_image.int().argmax(dim=1)
         positions = encoded.positions if encoded.positions is not None else contiguous_positions(mask)
         hidden = decoder.embed(ids)
         block = VisualBlock.fresh(hidden.gather(1, (start[:, None] + torch.arange(
-            encoded.n_visual, device=ids.device)).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+            encoded.n_span, device=ids.device)).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
         return TokenSequence(hidden, positions, mask, start, block, text_embeds=hidden)
 
     def _generations(self, tokens: torch.Tensor, traces: list[TokenTrace],
