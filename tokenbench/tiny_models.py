@@ -229,3 +229,46 @@ def tiny_llava_next(directory: str | Path, *, words: Sequence[str] = DEFAULT_WOR
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def tiny_llava_onevision(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, vision_layers: int = 2,
+                         llm_layers: int = 4, seed: int = 0) -> Path:
+    """A random-weight LLaVA-OneVision: SigLIP at 56 px, patch 14 (4×4 = 16 tokens per crop, no CLS),
+    sub-crops tiled from 1×1 … 4×4 pinpoints with ``anyres_max_9`` (grids above nine crops are pooled),
+    Qwen2 decoder of hidden size 64. Saved as tokenizer + image processor (the processor class needs
+    torchvision for its video processor; ``AutoProcessor`` assembles it where that is installed)."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    directory = Path(directory)
+    tokenizer = word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN, "<video>"],
+                                     chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN),
+                                     extra_attributes={"image_token": LLAVA_IMAGE_TOKEN, "video_token": "<video>"})
+    image_size = 56
+    pinpoints = [[image_size * a, image_size * b] for a in range(1, 5) for b in range(1, 5)]
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": vision_layers, "num_attention_heads": 2, "image_size": image_size,
+              "patch_size": 14, "vision_use_head": False}
+    text = {"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": llm_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 4096, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                  image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                                  video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=pinpoints,
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    image_processor.save_pretrained(directory)
+    (directory / "processor_config.json").write_text(json.dumps({"processor_class": "LlavaOnevisionProcessor"}))
+    return directory

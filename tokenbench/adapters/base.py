@@ -39,6 +39,8 @@ class TokenTrace:
     - ``probe_rows``: attention query rows computed beside the fused kernel (probe cost).
     - ``eager_attention_calls``: attention calls that materialised a full map (0 for native/probe).
     - ``prompt_tokens`` / ``generated_tokens``: text lengths for FLOPs and decode accounting.
+    - ``projector_tokens``: set where the projector runs on more tokens than reach the LLM
+      uncompressed (LLaVA-OneVision projects every crop patch before unpadding and pooling).
     """
 
     n_visual: int
@@ -50,6 +52,7 @@ class TokenTrace:
     eager_attention_calls: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    projector_tokens: int | None = None  # tokens the projector ran on, where it runs before any site can act
 
     @property
     def realised_tokens(self) -> float:

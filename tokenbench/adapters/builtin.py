@@ -5,6 +5,7 @@ from __future__ import annotations
 import tokenbench
 from tokenbench.adapters.llava import LlavaAdapter
 from tokenbench.adapters.llava_next import LlavaNextAdapter
+from tokenbench.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenbench.adapters.qwen2_vl import Qwen2VLAdapter
 
 
@@ -13,3 +14,4 @@ def register_adapters(register):
     register(LlavaAdapter)
     register(Qwen2VLAdapter)
     register(LlavaNextAdapter)
+    register(LlavaOnevisionAdapter)
