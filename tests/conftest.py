@@ -34,3 +34,12 @@ def tiny_llava_next_dir(tmp_path_factory):
     from tokenbench.tiny_models import tiny_llava_next
 
     return tiny_llava_next(tmp_path_factory.mktemp("tiny-llava-next"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_onevision_dir(tmp_path_factory):
+    """A LLaVA-OneVision checkpoint (56px SigLIP crops of 4×4 tokens, pinpoints up to 4×4 crops, so
+    large images are pooled by anyres_max_9; 4 Qwen2 decoder layers)."""
+    from tokenbench.tiny_models import tiny_llava_onevision
+
+    return tiny_llava_onevision(tmp_path_factory.mktemp("tiny-llava-onevision"))

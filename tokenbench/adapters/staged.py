@@ -112,18 +112,20 @@ class StagedAdapter(VLMAdapter):
 
     def generate(self, prompts: Sequence[Prompt], *, compressor: TokenCompressor | None = None,
                  budget: Budget | None = None, max_new_tokens: int = 8, seed: int = 0) -> list[Generation]:
-        out: list[Generation] = []
-        for group in self._groups(prompts, compressor):
-            out.extend(self.run(group, compressor=compressor, budget=budget, max_new_tokens=max_new_tokens,
-                                seed=seed).generations)
-        return out
+        out: dict[int, Generation] = {}
+        for indices in self._group_indices(prompts, compressor):
+            group = [prompts[i] for i in indices]
+            generations = self.run(group, compressor=compressor, budget=budget, max_new_tokens=max_new_tokens,
+                                   seed=seed).generations
+            out.update(zip(indices, generations))
+        return [out[i] for i in range(len(prompts))]  # in the order of the prompts, whatever the groups
 
-    def _groups(self, prompts: Sequence[Prompt], compressor: TokenCompressor | None) -> list[list[Prompt]]:
+    def _group_indices(self, prompts: Sequence[Prompt], compressor: TokenCompressor | None) -> list[list[int]]:
         if not self.batchable(compressor):
-            return [[p] for p in prompts]
-        groups: dict[Any, list[Prompt]] = {}
-        for prompt in prompts:
-            groups.setdefault(self._batch_key(prompt), []).append(prompt)
+            return [[i] for i in range(len(prompts))]
+        groups: dict[Any, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            groups.setdefault(self._batch_key(prompt), []).append(index)
         return list(groups.values())
 
     def _batch_key(self, prompt: Prompt) -> Any:
