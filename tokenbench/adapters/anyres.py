@@ -80,13 +80,13 @@ def anyres_layout(pack: Pack, crops: int, side: int, image_size: torch.Tensor) -
     source = packed[~is_newline, 0]
     exact = bool((source == source.round()).all()) and bool((packed[~is_newline, 1] == 1).all())
     visual_source = source.round().long() if exact else None
-    table, grids = _crop_table(visual_source, visual_span, line, is_newline, crops, side)
+    table, grids = _crop_table(visual_source, visual_span, line, crops, side)
     return AnyresLayout(int(packed.shape[0]), visual_source, visual_span, line[~is_newline],
                         positions[is_newline], line[is_newline], CropLayout(grids, table))
 
 
-def _crop_table(source: torch.Tensor | None, visual_span: torch.Tensor, line: torch.Tensor,
-                is_newline: torch.Tensor, crops: int, side: int) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+def _crop_table(source: torch.Tensor | None, visual_span: torch.Tensor, line: torch.Tensor, crops: int,
+                side: int) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
     """(crop, y, x) per visual token and the (h, w) of each crop's surviving part.
 
     With an exact source each crop is a crop of the encoder; with pooled tokens (no single source
@@ -109,19 +109,17 @@ def _crop_table(source: torch.Tensor | None, visual_span: torch.Tensor, line: to
         y = torch.where(sub, rows, index // side)
         x = torch.where(sub, index - first_in_row, index % side)
         crops = 2 if bool(sub.any()) else 1
+    # each crop's surviving part is a rectangle: shift it to start at (0, 0) and record its (h, w);
+    # crops without surviving tokens are dropped and the others renumbered without gaps
     grids = []
-    ys, xs = [], []
+    renumbered = torch.empty_like(crop)
     for c in range(crops):
         member = crop == c
         if not bool(member.any()):
             continue
         y0, x0 = int(y[member].min()), int(x[member].min())
         grids.append((int(y[member].max()) - y0 + 1, int(x[member].max()) - x0 + 1))
-        ys.append((member, y0, x0))
-    for member, y0, x0 in ys:
-        y = torch.where(member, y - y0, y)
-        x = torch.where(member, x - x0, x)
-    # renumber crops so that the ones without surviving tokens leave no gaps
-    kept = torch.tensor([c for c in range(crops) if bool((crop == c).any())])
-    crop = torch.searchsorted(kept, crop)
+        y, x = torch.where(member, y - y0, y), torch.where(member, x - x0, x)
+        renumbered[member] = len(grids) - 1
+    crop = renumbered
     return torch.stack([crop, y, x], dim=1), tuple(grids)
