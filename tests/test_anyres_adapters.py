@@ -304,3 +304,25 @@ def test_full_flops_match_flop_counter(request, family, method, budget):
     assert total(fam.projector) == flops["projector"]
     assert total(fam.decoder) == flops["llm_prefill"] + flops["decode"] - steps * flops["lm_head"]
     assert total("Linear") == (steps + 1) * flops["lm_head"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_lists_and_runs_a_saved_checkpoint(request, family, tmp_path):
+    """``tokenbench models`` lists the adapter; ``tokenbench run --model DIR`` loads a saved tiny
+    checkpoint through from_pretrained and the processor and writes results."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tokenbench.cli import cli
+
+    runner = CliRunner()
+    listing = runner.invoke(cli, ["models"], catch_exceptions=False)
+    assert listing.exit_code == 0 and family in listing.stdout
+    model = request.getfixturevalue(f"tiny_{family}_dir")
+    result = runner.invoke(cli, ["run", "--model", str(model), "--tasks", "shapes", "--methods", "apet",
+                                 "--budgets", "22.2%", "--limit", "2", "--no-efficiency", "--json",
+                                 "--output", str(tmp_path / "out")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = {row["method"]: row for row in json.loads(result.stdout)}
+    assert rows["apet"]["n_samples"] == 2 and rows["apet"]["n_errors"] == 0

@@ -185,6 +185,17 @@ def tiny_qwen2_vl(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS
     return directory
 
 
+ONEVISION_VIDEO_TOKEN = "<video>"
+
+
+def onevision_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with LLaVA-OneVision's ``<image>`` and ``<video>`` tokens."""
+    return word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN],
+                                chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN),
+                                extra_attributes={"image_token": LLAVA_IMAGE_TOKEN,
+                                                  "video_token": ONEVISION_VIDEO_TOKEN})
+
+
 TINY_ANYRES_PINPOINTS = [[112, 224], [224, 112], [224, 224]]
 
 
@@ -244,9 +255,7 @@ def tiny_llava_onevision(directory: str | Path, *, words: Sequence[str] = DEFAUL
     )
 
     directory = Path(directory)
-    tokenizer = word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN, "<video>"],
-                                     chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN),
-                                     extra_attributes={"image_token": LLAVA_IMAGE_TOKEN, "video_token": "<video>"})
+    tokenizer = onevision_tokenizer(words)
     image_size = 56
     pinpoints = [[image_size * a, image_size * b] for a in range(1, 5) for b in range(1, 5)]
     vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
@@ -258,7 +267,7 @@ def tiny_llava_onevision(directory: str | Path, *, words: Sequence[str] = DEFAUL
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     config = LlavaOnevisionConfig(vision_config=vision, text_config=text,
                                   image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
-                                  video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                                  video_token_id=tokenizer.convert_tokens_to_ids(ONEVISION_VIDEO_TOKEN),
                                   vision_feature_layer=-1, vision_feature_select_strategy="full",
                                   vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=pinpoints,
                                   pad_token_id=tokenizer.pad_token_id)
