@@ -80,14 +80,10 @@ class ModelInfo:
     n_visual: int  # visual tokens of this image entering the LLM without compression
     arch: Architecture
     # Multi-crop (anyres) images, spec wave 2 §20 E9: the (h, w) token grid of every crop, crop 0
-    # first (LLaVA-NeXT: the base image, then each sub-crop's part that survives unpadding). Empty
-    # for single-grid families. Newline tokens are layout, not visual tokens, and are not counted.
+    # first (LLaVA-NeXT: the base image, then each sub-crop's part that survives unpadding), and
+    # ``grid`` is the base crop's. Empty for single-grid families. Newline tokens are layout, not
+    # visual tokens, and are not counted.
     crops: tuple[tuple[int, int], ...] = ()
-
-    @property
-    def crop_tokens(self) -> tuple[int, ...]:
-        """Visual tokens of each crop (they sum to ``n_visual`` for multi-crop images)."""
-        return tuple(h * w for h, w in self.crops)
 
     @property
     def llm_layers(self) -> int:
