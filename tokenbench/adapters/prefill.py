@@ -268,8 +268,9 @@ class StagedPrefill:
         if "text" in needs:
             signals["text"] = seq.text_after_image()
         site = Site(Stage.LLM, index)
-        visual_at = seq.visual_index() - seq.visual_start[:, None]
-        block = VisualBlock(_rows(seq.hidden, seq.visual_index()), seq.block.origin.gather(1, visual_at),
+        visual_index = seq.visual_index()
+        visual_at = visual_index - seq.visual_start[:, None]
+        block = VisualBlock(_rows(seq.hidden, visual_index), seq.block.origin.gather(1, visual_at),
                             seq.block.sizes.gather(1, visual_at))
         applied = run_site(self.compressor, site, keep, block, self.grid, self.generator, self.crops, **signals)
         if seq.n_newlines:
