@@ -225,6 +225,12 @@ class ApET(TokenCompressor):
     - Qwen2.5-VL (its LLM stage is disabled in the code): ``stage2=false basis_mode=blend
       positions=original`` at budget ``30%``; the code keeps floor(0.3·N), the plan keeps round(0.3·N).
     - Video-LLaVA: ``stage2=false basis_mode=append`` at 32 tokens per frame (22 merged + 10 basis).
+
+    Multi-crop images (LLaVA-NeXT, spec §2.6): with ``crops=each`` (the default) every crop is
+    compressed on its own, its keep the crop's share of the site's keep (largest remainders, at
+    least one token per crop), with its own basis; ``crops=whole`` treats the image as one set. Both
+    stages cover every crop (the reference's LLM stage re-prunes only the first V tokens of the
+    span, the base crop: a quirk, not reproduced).
     """
 
     name = "apet"
@@ -248,6 +254,9 @@ class ApET(TokenCompressor):
             "ascending", description="reference: descending-error slot order at the LLM stage, as the code")
         positions: Literal["contiguous", "original"] = Field(
             "contiguous", description="LLM position ids after pruning: renumbered (LLaVA) or original (Qwen)")
+        crops: Literal["each", "whole"] = Field(
+            "each", description="multi-crop images: compress each crop on its own (LLaVA-NeXT reference) "
+                                "or the whole image at once")
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
@@ -275,15 +284,45 @@ class ApET(TokenCompressor):
         return plan
 
     def reduce(self, x: SiteInput) -> Reduction:
-        opts = self.options
-        at_llm = x.site.stage is Stage.LLM
-        out = apet_compress(
-            x.visual, x.keep, opts.basis, ridge=opts.ridge, merge_scaling=opts.merge_scaling,
-            basis_mode=opts.basis_mode, start=opts.fps_start, generator=x.generator,
-            slot_order="error" if opts.basis_slots == "reference" and at_llm else "ascending")
+        if self.options.crops == "each" and x.crop_origin is not None and len(x.crops) > 1:
+            out = self._per_crop(x)
+        else:
+            out = self._compress(x.visual, x.keep, x)
         if out.keep.shape[1] == x.visual.shape[1]:
             return Reduction(out.keep)
         return Reduction(out.keep, out.values, out.extra)
+
+    def _compress(self, visual: torch.Tensor, keep: int, x: SiteInput) -> ApetOutput:
+        opts = self.options
+        at_llm = x.site.stage is Stage.LLM
+        return apet_compress(
+            visual, keep, opts.basis, ridge=opts.ridge, merge_scaling=opts.merge_scaling,
+            basis_mode=opts.basis_mode, start=opts.fps_start, generator=x.generator,
+            slot_order="error" if opts.basis_slots == "reference" and at_llm else "ascending")
+
+    def _per_crop(self, x: SiteInput) -> ApetOutput:
+        """ApET on each crop's tokens (crops on equal footing across the batch's rows)."""
+        crop = x.crop_origin[..., 0]
+        crop = torch.where(crop < 0, len(x.crops), crop)  # appended tokens form a group of their own
+        order = crop.argsort(dim=1, stable=True)
+        counts = torch.bincount(crop[0], minlength=len(x.crops) + 1)
+        by_crop = crop.gather(1, order)
+        if not torch.equal(by_crop, by_crop[:1].expand_as(by_crop)):
+            raise ValueError("apet: the rows of a batch hold different crop layouts")
+        grouped = _gather_rows(x.visual, order)
+        keeps = crop_keeps(counts.tolist(), x.keep)
+        positions, values, extras, offset = [], [], [], 0
+        for count, keep in zip(counts.tolist(), keeps):
+            if count and keep:
+                out = self._compress(grouped[:, offset:offset + count], keep, x)
+                positions.append(order[:, offset:offset + count].gather(1, out.keep))
+                values.append(out.values)
+                if out.extra is not None:
+                    extras.append(out.extra)
+            offset += count
+        position, sort = torch.cat(positions, dim=1).sort(dim=1)
+        value = _gather_rows(torch.cat(values, dim=1), sort)
+        return ApetOutput(position, value, torch.cat(extras, dim=1) if extras else None)
 
     def _stage2_layer(self, info: ModelInfo) -> int:
         if Stage.LLM not in info.stages:
@@ -294,6 +333,29 @@ class ApET(TokenCompressor):
             raise Infeasible(f"apet: stage2_layer={layer} must lie in [1, {info.llm_layers - 1}] "
                              f"for a {info.llm_layers}-layer LLM")
         return layer
+
+
+def crop_keeps(counts: list[int], keep: int) -> list[int]:
+    """Split ``keep`` over groups of ``counts`` tokens in proportion (largest remainders), giving
+    every non-empty group at least one token while ``keep`` allows."""
+    total = sum(counts)
+    if keep >= total:
+        return list(counts)
+    shares = [keep * c / total for c in counts]
+    keeps = [min(c, max(int(s), 1 if c else 0)) for c, s in zip(counts, shares)]
+    by_remainder = sorted(range(len(counts)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
+    while sum(keeps) < keep:
+        grew = False
+        for i in by_remainder:
+            if sum(keeps) < keep and keeps[i] < counts[i]:
+                keeps[i] += 1
+                grew = True
+        if not grew:
+            break
+    while sum(keeps) > keep:  # the one-per-group floor overshot: take from the largest groups
+        largest = max(range(len(keeps)), key=lambda i: keeps[i])
+        keeps[largest] -= 1
+    return keeps
 
 
 def _check_shape(x: torch.Tensor, what: str = "x") -> None:

@@ -26,3 +26,20 @@ def tiny_qwen2_5_vl_dir(tmp_path_factory):
     from tokenbench.tiny_models import tiny_qwen2_vl
 
     return tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), variant="qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next_dir(tmp_path_factory):
+    """A LLaVA-NeXT checkpoint (112px crops of 8×8 tokens, 1×2/2×1/2×2 pinpoints, 4 decoder layers)."""
+    from tokenbench.tiny_models import tiny_llava_next
+
+    return tiny_llava_next(tmp_path_factory.mktemp("tiny-llava-next"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_onevision_dir(tmp_path_factory):
+    """A LLaVA-OneVision checkpoint (56px SigLIP crops of 4×4 tokens, pinpoints up to 4×4 crops, so
+    large images are pooled by anyres_max_9; 4 Qwen2 decoder layers)."""
+    from tokenbench.tiny_models import tiny_llava_onevision
+
+    return tiny_llava_onevision(tmp_path_factory.mktemp("tiny-llava-onevision"))

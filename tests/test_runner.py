@@ -251,9 +251,16 @@ SHRINK = {
         "num_key_value_heads": 2, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
         "vision_config": raw["vision_config"] | {"depth": 2, "embed_dim": 32, "num_heads": 2, "hidden_size": 64}},
 }
+SHRINK["llava_next"] = SHRINK["llava"]
+SHRINK["llava_onevision"] = lambda raw: raw | {
+    "text_config": raw["text_config"] | {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                         "num_attention_heads": 4, "num_key_value_heads": 2},
+    "vision_config": raw["vision_config"] | {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                             "num_attention_heads": 2}}
 
 
-@pytest.mark.parametrize("name, n_visual", [("llava-1.5-7b", 576), ("qwen2-vl-2b", 144)])
+@pytest.mark.parametrize("name, n_visual", [("llava-1.5-7b", 576), ("qwen2-vl-2b", 144), ("llava-next-7b", 1152),
+                                            ("llava-onevision-7b", 729 + 729)])
 def test_shipped_configs_build_random_weight_models(tmp_path, name, n_visual):
     """The shipped configs, narrowed to tiny widths (same model types, image sizes and token
     placeholders), build a random-weight adapter with an offline processor that generates."""

@@ -191,7 +191,7 @@ def models(ctx: click.Context) -> None:
 @click.option("--model-config", default=None, metavar="PATH|NAME",
               help="Efficiency only: build the model from an HF config.json with random weights (no "
                    "checkpoint; implies --no-accuracy): a path, or a shipped config: llava-1.5-7b, "
-                   "qwen2-vl-2b.")
+                   "qwen2-vl-2b, llava-next-7b, llava-onevision-7b.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result records as JSON at the end.")
 @click.option("--scoring", type=click.Choice(["official", "lenient"]), default="official", show_default=True,
               help="Benchmark scoring: each benchmark's official rule, or lenient (wider reading of choice "

@@ -102,6 +102,11 @@ class ModelInfo:
     # The signals the adapter serves at each stage; None when the adapter does not say (then a
     # missing signal is only found when a site runs). See :func:`check_signals`.
     signals: Mapping[Stage, frozenset[str]] | None = field(default=None, compare=False, hash=False)
+    # Multi-crop (anyres) images, spec wave 2 §20 E9: the (h, w) token grid of every crop, crop 0
+    # first (LLaVA-NeXT: the base image, then each sub-crop's part that survives unpadding), and
+    # ``grid`` is the base crop's. Empty for single-grid families. Newline tokens are layout, not
+    # visual tokens, and are not counted.
+    crops: tuple[tuple[int, int], ...] = ()
 
     @property
     def llm_layers(self) -> int:
@@ -169,6 +174,9 @@ class SiteInput:
     - ``text_valid`` [B, T] bool: set when the rows of a batch have text of different lengths. Text
       rows are right-aligned (the text ends every prompt), so a shorter row's first entries are not
       its text and are False here. ``None`` means every entry is real (always so at batch 1).
+    - ``crops``: (h, w) grid of every crop of a multi-crop image (``ModelInfo.crops``), else empty.
+    - ``crop_origin`` [B, N, 3]: (crop, y, x) of each token's origin in the crops (-1 for appended
+      tokens); ``None`` for single-grid families. Methods that rank per crop group tokens by crop.
     """
 
     visual: torch.Tensor
@@ -195,6 +203,8 @@ class SiteInput:
     keys_next: torch.Tensor | None = None
     clip_visual: torch.Tensor | None = None
     clip_text: torch.Tensor | None = None
+    crops: tuple[tuple[int, int], ...] = ()
+    crop_origin: torch.Tensor | None = None
 
 
 @dataclass

@@ -70,6 +70,8 @@ def vision_macs(arch: Architecture, trace: TokenTrace) -> int:
 def projector_tokens(trace: TokenTrace) -> int:
     """Visual tokens the projector runs on: those entering the LLM, unless a ``projector`` site (or
     an ``llm`` site at layer 0) reduced them after the projector ran on the earlier count."""
+    if trace.projector_tokens is not None:
+        return trace.projector_tokens
     after_projector = [(stage, layer) for stage, layer, _ in trace.plan
                        if stage == "projector" or (stage == "llm" and layer == 0)]
     if after_projector or not trace.llm_visual:

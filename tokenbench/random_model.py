@@ -24,13 +24,16 @@ from tokenbench.models import ModelRef
 from tokenbench.plugins import Registry
 from tokenbench.tiny_models import (
     LLAVA_IMAGE_TOKEN,
+    ONEVISION_VIDEO_TOKEN,
     QWEN_SPECIAL,
+    llava_next_processor,
     llava_processor,
     llava_tokenizer,
+    onevision_tokenizer,
     qwen_tokenizer,
 )
 
-SUPPORTED = ("llava", "qwen2_vl")
+SUPPORTED = ("llava", "qwen2_vl", "llava_next", "llava_onevision")
 
 
 SHIPPED = Path(__file__).resolve().parent / "configs"
@@ -97,6 +100,26 @@ def random_weight_adapter(path: Path, registry: Registry, *, dtype: torch.dtype,
 
 
 def _processor(raw: dict[str, Any]) -> tuple[Any, dict[str, int]]:
+    if raw["model_type"] == "llava_next":
+        vision = raw["vision_config"]
+        tokenizer = llava_tokenizer()
+        processor = llava_next_processor(tokenizer, vision.get("image_size", 336), vision.get("patch_size", 14),
+                                         raw.get("image_grid_pinpoints"))
+        return processor, {"image_token_id": tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                           "pad_token_id": tokenizer.pad_token_id}
+    if raw["model_type"] == "llava_onevision":
+        from transformers import LlavaOnevisionImageProcessorPil
+
+        from tokenbench.adapters.qwen2_vl import ProcessorParts
+
+        tokenizer = onevision_tokenizer()
+        size = raw["vision_config"].get("image_size", 384)
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
+                                                          image_grid_pinpoints=raw.get("image_grid_pinpoints"))
+        return ProcessorParts(tokenizer, image_processor), {
+            "image_token_id": tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+            "video_token_id": tokenizer.convert_tokens_to_ids(ONEVISION_VIDEO_TOKEN),
+            "pad_token_id": tokenizer.pad_token_id}
     if raw["model_type"] == "llava":
         vision = raw["vision_config"]
         tokenizer = llava_tokenizer()

@@ -40,7 +40,11 @@ QWEN2_VL = ModelInfo(
     arch=Architecture(llm_layers=28, llm_hidden=1536, llm_intermediate=8960, llm_heads=12, llm_kv_heads=2,
                       vocab_size=151936, vision_layers=32, vision_hidden=1280, vision_intermediate=5120,
                       vision_tokens=1728, projector_in=5120, projector_hidden=1536))
-REFERENCE_MODELS = {"llava-1.5-7b": LLAVA_15, "qwen2-vl-2b": QWEN2_VL}
+# LLaVA-NeXT-7B on a wide image: base crop plus two sub-crops that unpadding cuts to 24×18 tokens each
+LLAVA_NEXT = ModelInfo(
+    family="llava_next", stages=frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM}), grid=(24, 24),
+    n_visual=576 + 2 * 24 * 18, arch=LLAVA_15.arch, crops=((24, 24), (24, 18), (24, 18)))
+REFERENCE_MODELS = {"llava-1.5-7b": LLAVA_15, "qwen2-vl-2b": QWEN2_VL, "llava-next-7b": LLAVA_NEXT}
 REFERENCE_BUDGETS = (192, 128, 64)
 SIGNAL_WIDTH = 32  # feature width of the synthetic tokens (small: the suite must stay fast)
 
@@ -67,11 +71,13 @@ def plan_for(compressor: TokenCompressor, info: ModelInfo, budget: float) -> lis
 
 def synthetic_input(compressor: TokenCompressor, site: Site, keep: int, n: int, grid: tuple[int, int], *,
                     batch: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
-                    width: int = SIGNAL_WIDTH) -> SiteInput:
-    """A :class:`SiteInput` with random tokens and exactly the signals ``compressor.needs`` asks for."""
+                    width: int = SIGNAL_WIDTH, crops: tuple[tuple[int, int], ...] = ()) -> SiteInput:
+    """A :class:`SiteInput` with random tokens and exactly the signals ``compressor.needs`` asks for;
+    with ``crops`` (a multi-crop image) the tokens come from those crops, with their ``crop_origin``."""
     gen = torch.Generator().manual_seed(seed)
     visual = torch.randn(batch, n, width, generator=gen).to(dtype)
-    origin = torch.sort(torch.randperm(grid[0] * grid[1], generator=gen)[:n]).values.expand(batch, n).clone()
+    total = sum(h * w for h, w in crops) if crops else grid[0] * grid[1]
+    origin = torch.sort(torch.randperm(total, generator=gen)[:n]).values.expand(batch, n).clone()
     signals: dict[str, Any] = {}
     if "attention" in compressor.needs:
         queries = {"last": 1, "text": 6, "all": n + 8}[compressor.attention_queries]
@@ -97,6 +103,10 @@ def synthetic_input(compressor: TokenCompressor, site: Site, keep: int, n: int, 
         signals["cls_token"] = torch.randn(batch, 1, width, generator=gen).to(dtype)
     if "attention_received" in compressor.needs:
         signals["attention_received"] = torch.rand(batch, n, generator=gen).softmax(-1).to(dtype)
+    if crops:
+        table = torch.cat([torch.stack([torch.full((h * w,), c), torch.arange(h * w) // w, torch.arange(h * w) % w],
+                                       dim=1) for c, (h, w) in enumerate(crops)])
+        signals |= {"crops": crops, "crop_origin": table[origin]}
     return SiteInput(visual=visual, origin=origin, grid=grid, keep=keep, site=site,
                      generator=torch.Generator().manual_seed(seed + 1),
                      sizes=torch.ones(batch, n, dtype=dtype), **signals)
@@ -154,10 +164,11 @@ def check_plan_reductions(compressor: TokenCompressor, info: ModelInfo, plan: li
     """Feed each planned site its predecessor's survivors and check every reduction (and determinism)."""
     n = info.n_visual
     for index, (site, keep) in enumerate(plan):
-        x = synthetic_input(compressor, site, keep, n, info.grid, batch=batch, dtype=dtype, seed=index)
+        x = synthetic_input(compressor, site, keep, n, info.grid, batch=batch, dtype=dtype, seed=index,
+                            crops=info.crops)
         first = check_reduction(compressor, x)
         again = check_reduction(compressor, synthetic_input(compressor, site, keep, n, info.grid, batch=batch,
-                                                            dtype=dtype, seed=index))
+                                                            dtype=dtype, seed=index, crops=info.crops))
         assert _same(first, again), f"{compressor.name} at {site}: not deterministic under a fixed seed"
         n = first.keep.shape[1] + (first.extra.shape[1] if first.extra is not None else 0) + (
             first.prefix.shape[1] if first.prefix is not None else 0)

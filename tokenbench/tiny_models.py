@@ -212,3 +212,101 @@ def tiny_clip(directory: str | Path, *, vision_from: str | Path, words: Sequence
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+ONEVISION_VIDEO_TOKEN = "<video>"
+
+
+def onevision_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with LLaVA-OneVision's ``<image>`` and ``<video>`` tokens."""
+    return word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN],
+                                chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN),
+                                extra_attributes={"image_token": LLAVA_IMAGE_TOKEN,
+                                                  "video_token": ONEVISION_VIDEO_TOKEN})
+
+
+TINY_ANYRES_PINPOINTS = [[112, 224], [224, 112], [224, 224]]
+
+
+def llava_next_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = 336, patch_size: int = 14,
+                         pinpoints: Sequence[Sequence[int]] | None = None) -> Any:
+    """LLaVA-NeXT's processor: anyres CLIP preprocessing (base crop plus ``pinpoints`` sub-crops at
+    ``image_size``) and ``<image>`` expanded to the unpadded token count with newlines."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    kwargs = {} if pinpoints is None else {"image_grid_pinpoints": [list(p) for p in pinpoints]}
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, **kwargs)
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=tokenizer.chat_template)
+
+
+def tiny_llava_next(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, vision_layers: int = 3,
+                    llm_layers: int = 4, image_size: int = 112, seed: int = 0) -> Path:
+    """A random-weight LLaVA-NeXT: CLIP at ``image_size`` px, patch 14 (8×8 = 64 tokens per crop at
+    112 px), sub-crops tiled from 1×2, 2×1 and 2×2 pinpoints (up to 64 + 256 visual tokens plus 16
+    newlines), ``vision_feature_layer=-2`` with CLS dropped, Llama decoder of hidden size 64."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    directory = Path(directory)
+    tokenizer = llava_tokenizer(words)
+    pinpoints = [[image_size * a // 112, image_size * b // 112] for a, b in TINY_ANYRES_PINPOINTS]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=2, image_size=image_size, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=llm_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaNextConfig(vision_config=vision, text_config=text,
+                             image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=pinpoints, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    processor = llava_next_processor(tokenizer, image_size, 14, pinpoints)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def tiny_llava_onevision(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, vision_layers: int = 2,
+                         llm_layers: int = 4, seed: int = 0) -> Path:
+    """A random-weight LLaVA-OneVision: SigLIP at 56 px, patch 14 (4×4 = 16 tokens per crop, no CLS),
+    sub-crops tiled from 1×1 … 4×4 pinpoints with ``anyres_max_9`` (grids above nine crops are pooled),
+    Qwen2 decoder of hidden size 64. Saved as tokenizer + image processor (the processor class needs
+    torchvision for its video processor; ``AutoProcessor`` assembles it where that is installed)."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    directory = Path(directory)
+    tokenizer = onevision_tokenizer(words)
+    image_size = 56
+    pinpoints = [[image_size * a, image_size * b] for a in range(1, 5) for b in range(1, 5)]
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": vision_layers, "num_attention_heads": 2, "image_size": image_size,
+              "patch_size": 14, "vision_use_head": False}
+    text = {"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": llm_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 4096, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                  image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                                  video_token_id=tokenizer.convert_tokens_to_ids(ONEVISION_VIDEO_TOKEN),
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=pinpoints,
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    image_processor.save_pretrained(directory)
+    (directory / "processor_config.json").write_text(json.dumps({"processor_class": "LlavaOnevisionProcessor"}))
+    return directory

@@ -42,6 +42,8 @@ class TokenTrace:
     - ``probe_key_tokens``: tokens whose keys a probe projected itself (``attention_source="next"``,
       or a site before layer 0) instead of reading them from the KV cache.
     - ``prompt_tokens`` / ``generated_tokens``: text lengths for FLOPs and decode accounting.
+    - ``projector_tokens``: set where the projector runs on more tokens than reach the LLM
+      uncompressed (LLaVA-OneVision projects every crop patch before unpadding and pooling).
     """
 
     n_visual: int
@@ -54,6 +56,7 @@ class TokenTrace:
     probe_key_tokens: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    projector_tokens: int | None = None  # tokens the projector ran on, where it runs before any site can act
 
     @property
     def realised_tokens(self) -> float:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tokenbench
 from tokenbench.adapters.llava import LlavaAdapter
+from tokenbench.adapters.llava_next import LlavaNextAdapter
+from tokenbench.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenbench.adapters.qwen2_vl import Qwen2VLAdapter
 
 
@@ -11,3 +13,5 @@ from tokenbench.adapters.qwen2_vl import Qwen2VLAdapter
 def register_adapters(register):
     register(LlavaAdapter)
     register(Qwen2VLAdapter)
+    register(LlavaNextAdapter)
+    register(LlavaOnevisionAdapter)

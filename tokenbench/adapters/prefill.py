@@ -46,7 +46,15 @@ from torch import nn
 from tokenbench.adapters.base import AdapterError, TokenTrace
 from tokenbench.adapters.placement import execution_device
 from tokenbench.adapters.probe import RotaryFn, decoder_attention_rows, head_mean_keys
-from tokenbench.adapters.sites import Applied, VisualBlock, run_site
+from tokenbench.adapters.sites import (
+    Applied,
+    CropLayout,
+    VisualBlock,
+    newline_positions,
+    run_site,
+    visual_positions,
+    with_newlines,
+)
 from tokenbench.compressor import LLM_STATE_SIGNALS, Site, Stage, TokenCompressor
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -71,8 +79,10 @@ class Decoder:
 class TokenSequence:
     """A left-padded batch of prompts with one visual span per row.
 
-    The visual span of row ``b`` is ``[visual_start[b], visual_start[b] + n_visual)``; every row
-    has the same ``n_visual`` (reductions keep the same count per row), so rows stay aligned.
+    The visual span of row ``b`` is ``[visual_start[b], visual_start[b] + n_span)``; every row has
+    the same ``n_span`` (reductions keep the same count per row), so rows stay aligned. The span
+    holds ``n_visual`` visual tokens and ``n_newlines`` layout tokens (LLaVA-NeXT's
+    ``image_newline``, marked in ``block``), which stay in the sequence but are never reduced.
     """
 
     hidden: torch.Tensor  # [B, S, D]
@@ -81,30 +91,41 @@ class TokenSequence:
     visual_start: torch.Tensor  # [B] long
     block: VisualBlock  # origin / sizes of the visual span (tokens = current features)
     text_embeds: torch.Tensor | None = None  # [B, S, D] input embeddings, aligned (text signal)
+    n_newlines: int = 0  # layout tokens inside the span
 
     @property
     def n_visual(self) -> int:
+        return self.n_span - self.n_newlines
+
+    @property
+    def n_span(self) -> int:
         return self.block.origin.shape[1]
 
     def visual_index(self) -> torch.Tensor:
-        """``[B, N]`` sequence index of each visual token."""
+        """``[B, N]`` sequence index of each visual token (newline tokens skipped)."""
+        if self.n_newlines:
+            return self.visual_start[:, None] + visual_positions(self.block)
         return self.visual_start[:, None] + torch.arange(self.n_visual, device=self.hidden.device)
 
     def text_index(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, T]`` sequence index of the text after the image, right-aligned over the batch (the
         text ends every row), and ``[B, T]`` which entries are each row's text (``None``: all are)."""
         s = self.hidden.shape[1]
-        text_start = self.visual_start + self.n_visual
+        text_start = self.visual_start + self.n_span
         length = s - int(text_start.min())
         index = torch.arange(s - length, s, device=self.hidden.device).expand(self.hidden.shape[0], -1)
         valid = index >= text_start[:, None]
         return index, None if bool(valid.all()) else valid
 
+    def span_index(self) -> torch.Tensor:
+        """``[B, n_span]`` sequence index of every token of the visual span."""
+        return self.visual_start[:, None] + torch.arange(self.n_span, device=self.hidden.device)
+
     def text_after_image(self) -> torch.Tensor:
         """Input embeddings of the text that follows the image (one row; see ``batchable``)."""
         if self.hidden.shape[0] != 1 or self.text_embeds is None:
             raise AdapterError("text signals need batch size 1; the harness batches such methods by one")
-        start = int(self.visual_start[0]) + self.n_visual
+        start = int(self.visual_start[0]) + self.n_span
         return self.text_embeds[:, start:]
 
 
@@ -112,7 +133,7 @@ def splice(seq: TokenSequence, applied: Applied, policy: str) -> TokenSequence:
     """Replace the visual span by ``applied.block`` (``applied.source`` maps new to old tokens)."""
     hidden, device = seq.hidden, seq.hidden.device
     s = hidden.shape[1]
-    n, k = seq.n_visual, applied.block.tokens.shape[1]
+    n, k = seq.n_span, applied.block.tokens.shape[1]
     new_len = s - n + k
     j = torch.arange(new_len, device=device)[None]
     start = seq.visual_start[:, None]
@@ -141,7 +162,8 @@ def splice(seq: TokenSequence, applied: Applied, policy: str) -> TokenSequence:
     text_embeds = None
     if seq.text_embeds is not None:  # the text never moves relative to the sequence's end
         text_embeds = seq.text_embeds.gather(1, text_source.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return TokenSequence(new_hidden, positions, valid, seq.visual_start, applied.block, text_embeds)
+    n_newlines = 0 if applied.block.line is None else newline_positions(applied.block).shape[1]
+    return TokenSequence(new_hidden, positions, valid, seq.visual_start, applied.block, text_embeds, n_newlines)
 
 
 def contiguous_positions(valid: torch.Tensor) -> torch.Tensor:
@@ -192,7 +214,7 @@ class StagedPrefill:
 
     def __init__(self, decoder: Decoder, compressor: TokenCompressor | None, llm_sites: dict[int, int],
                  grid: tuple[int, int], generator: torch.Generator | None, traces: list[TokenTrace],
-                 position_policy: str) -> None:
+                 position_policy: str, crops: CropLayout | None = None) -> None:
         self.decoder = decoder
         self.compressor = compressor
         self.sites = llm_sites
@@ -200,6 +222,7 @@ class StagedPrefill:
         self.generator = generator
         self.traces = traces
         self.policy = position_policy
+        self.crops = crops
         needs = compressor.needs if compressor is not None else frozenset()
         self.wants_probe = bool({"attention", "keys"} & set(needs)) and compressor.attention_source == "previous"
         self.input_visual: torch.Tensor | None = None  # the visual tokens entering layer 0
@@ -271,8 +294,14 @@ class StagedPrefill:
                 signals["input_visual"] = self.input_visual
                 signals["input_text"] = _rows(seq.text_embeds, text_index)
         site = Site(Stage.LLM, index)
-        block = VisualBlock(_rows(seq.hidden, visual_rows), seq.block.origin, seq.block.sizes)
-        applied = run_site(self.compressor, site, keep, block, self.grid, self.generator, **signals)
+        visual_at = visual_rows - seq.visual_start[:, None]
+        block = VisualBlock(_rows(seq.hidden, visual_rows), seq.block.origin.gather(1, visual_at),
+                            seq.block.sizes.gather(1, visual_at))
+        applied = run_site(self.compressor, site, keep, block, self.grid, self.generator, self.crops, **signals)
+        if seq.n_newlines:
+            span = VisualBlock(_rows(seq.hidden, seq.span_index()), seq.block.origin, seq.block.sizes,
+                               seq.block.line)
+            applied = with_newlines(applied, span, visual_at)
         return splice(seq, applied, self.policy)
 
     def _layer_signals(self, seq: TokenSequence, index: int,
@@ -335,7 +364,7 @@ def query_rows(seq: TokenSequence, queries: str) -> torch.Tensor:
         return torch.arange(s, device=device).expand(b, s)
     if b != 1:
         raise AdapterError("attention_queries='text' needs batch size 1; the harness batches it by one")
-    start = int(seq.visual_start[0]) + seq.n_visual
+    start = int(seq.visual_start[0]) + seq.n_span
     return torch.arange(start, s, device=device)[None]
 
 

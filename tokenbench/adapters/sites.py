@@ -3,6 +3,11 @@
 These helpers are model-agnostic tensor bookkeeping shared by every stage of every adapter:
 the visual block of a site is ``[B, N, D]`` with each token's ``origin`` (index in the original
 grid, ``-1`` for tokens a method appended) and ``sizes`` (original tokens it stands for).
+
+Multi-crop families (LLaVA-NeXT) put layout tokens (``image_newline``) inside the visual span. A
+span block marks them with origin :data:`NEWLINE` and gives every token its layout ``line``; a
+compressor only ever sees the visual tokens (:func:`visual_positions`), and :func:`with_newlines`
+puts each newline back after the surviving tokens of its line.
 """
 
 from __future__ import annotations
@@ -14,14 +19,33 @@ import torch
 from tokenbench.adapters.base import AdapterError
 from tokenbench.compressor import SIGNAL_FIELDS, Reduction, Site, SiteInput, TokenCompressor
 
+NEWLINE = -2  # origin of a layout (newline) token inside a span block; never shown to a compressor
+AFTER_ALL_LINES = 2 ** 40  # layout line of appended tokens: they follow the last newline
+
+
+@dataclass(frozen=True)
+class CropLayout:
+    """Where each original visual token of a multi-crop image lies: ``table`` [N, 3] holds its
+    (crop, y, x), y and x counted inside the crop's surviving ``grids[crop]`` (h, w)."""
+
+    grids: tuple[tuple[int, int], ...]
+    table: torch.Tensor
+
+    def of(self, origin: torch.Tensor) -> torch.Tensor:
+        """``[B, N, 3]`` (crop, y, x) of ``origin`` [B, N]; -1 for appended tokens (origin < 0)."""
+        table = self.table.to(origin.device)
+        found = table[origin.clamp(min=0)]
+        return found.masked_fill((origin < 0)[..., None], -1)
+
 
 @dataclass
 class VisualBlock:
     """The visual tokens alive at a site, with their bookkeeping."""
 
     tokens: torch.Tensor  # [B, N, D]
-    origin: torch.Tensor  # [B, N] long, -1 for appended tokens
+    origin: torch.Tensor  # [B, N] long, -1 for appended tokens, NEWLINE for layout tokens
     sizes: torch.Tensor  # [B, N] float
+    line: torch.Tensor | None = None  # [B, N] long: layout line of each token in a span with newlines
 
     @classmethod
     def fresh(cls, tokens: torch.Tensor) -> VisualBlock:
@@ -44,8 +68,10 @@ class Applied:
 
 
 def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBlock, grid: tuple[int, int],
-             generator: torch.Generator | None, **signals: torch.Tensor | None) -> Applied:
-    """Call ``compressor.reduce`` on ``block`` with the given signals and apply its reduction."""
+             generator: torch.Generator | None, crops: CropLayout | None = None,
+             **signals: torch.Tensor | None) -> Applied:
+    """Call ``compressor.reduce`` on ``block`` with the given signals and apply its reduction;
+    ``crops`` fills the per-crop fields of the :class:`SiteInput` for multi-crop images."""
     fields = {field: need for need in compressor.needs for field in SIGNAL_FIELDS.get(need, (need,))}
     wanted = {name: value for name, value in signals.items() if name in fields}
     missing = sorted({need for field, need in fields.items() if wanted.get(field) is None})
@@ -55,8 +81,9 @@ def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBl
         raise AdapterError(f"method '{compressor.name}' needs {', '.join(missing)} at site "
                            f"{site.stage}:{site.layer}, which this adapter cannot provide there; "
                            "schedule it at another stage")
+    geometry = {} if crops is None else {"crops": crops.grids, "crop_origin": crops.of(block.origin)}
     x = SiteInput(visual=block.tokens, origin=block.origin, grid=grid, keep=keep, site=site,
-                  generator=generator, sizes=block.sizes, **wanted)
+                  generator=generator, sizes=block.sizes, **wanted, **geometry)
     reduction = compressor.reduce(x)
     try:
         reduction.check(x)
@@ -97,3 +124,48 @@ def apply_reduction(block: VisualBlock, reduction: Reduction) -> Applied:
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b]]`` for ``x`` [B, N, D] and ``index`` [B, K]."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def visual_positions(span: VisualBlock) -> torch.Tensor:
+    """``[B, Nv]`` positions of the visual (non-newline) tokens of ``span``, in span order."""
+    is_visual = span.origin != NEWLINE
+    n_visual = int(is_visual[0].sum())
+    return (~is_visual).int().argsort(dim=1, stable=True)[:, :n_visual]
+
+
+def newline_positions(span: VisualBlock) -> torch.Tensor:
+    """``[B, Nn]`` positions of the newline tokens of ``span``, in span order."""
+    is_newline = span.origin == NEWLINE
+    n_newlines = int(is_newline[0].sum())
+    return (~is_newline).int().argsort(dim=1, stable=True)[:, :n_newlines]
+
+
+def interleave(visual: Applied, visual_line: torch.Tensor, visual_source: torch.Tensor,
+               newlines: torch.Tensor, newline_line: torch.Tensor, newline_source: torch.Tensor) -> Applied:
+    """A span from reduced visual tokens and newline tokens: each newline follows the surviving
+    tokens of its line (``*_line`` [B, ·]; appended tokens carry :data:`AFTER_ALL_LINES`), and
+    ``*_source`` [B, ·] give each token's index in the span it replaces (-1: appended)."""
+    block = visual.block
+    b, n_newlines = newline_line.shape
+    keys = torch.cat([2 * visual_line, 2 * newline_line + 1], dim=1)
+    order = keys.argsort(dim=1, stable=True)
+    tokens = torch.cat([block.tokens, newlines.to(block.tokens)], dim=1)
+    origin = torch.cat([block.origin, torch.full((b, n_newlines), NEWLINE, dtype=torch.long,
+                                                 device=order.device)], dim=1)
+    sizes = torch.cat([block.sizes, torch.ones(b, n_newlines, dtype=block.sizes.dtype,
+                                               device=order.device)], dim=1)
+    line = torch.cat([visual_line, newline_line], dim=1)
+    source = torch.cat([visual_source, newline_source], dim=1)
+    span = VisualBlock(_take(tokens, order), origin.gather(1, order), sizes.gather(1, order), line.gather(1, order))
+    return Applied(span, source.gather(1, order), visual.n_extra)
+
+
+def with_newlines(applied: Applied, span: VisualBlock, visual_at: torch.Tensor) -> Applied:
+    """Put ``span``'s newline tokens back after ``applied``, a reduction of the visual tokens at span
+    positions ``visual_at`` [B, Nv]; the result's ``source`` indexes ``span``."""
+    assert span.line is not None, "a span with newline tokens carries their lines"
+    source = applied.source
+    span_source = torch.where(source >= 0, visual_at.gather(1, source.clamp(min=0)), -1)
+    line = torch.where(source >= 0, span.line.gather(1, span_source.clamp(min=0)), AFTER_ALL_LINES)
+    at = newline_positions(span)
+    return interleave(applied, line, span_source, _take(span.tokens, at), span.line.gather(1, at), at)

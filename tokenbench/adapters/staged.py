@@ -26,7 +26,7 @@ from tokenbench.adapters.prefill import (
     greedy_decode,
     splice,
 )
-from tokenbench.adapters.sites import Applied, VisualBlock
+from tokenbench.adapters.sites import Applied, CropLayout, VisualBlock
 from tokenbench.budget import Budget
 from tokenbench.compressor import Infeasible, Site, Stage, TokenCompressor
 from tokenbench.measure import Timer
@@ -43,10 +43,20 @@ class Encoded:
     grid: tuple[int, int]  # visual-token grid of the (equal-sized) images
     positions: torch.Tensor | None = None  # family-computed position ids (M-RoPE), else derived
     texts: list[str] | None = None  # the prompts' user text (``clip_text`` signal), set by ``run``
+    # Multi-crop images (LLaVA-NeXT): visual tokens per image when not grid[0]·grid[1], placeholder
+    # tokens per image (visual plus newline tokens), and where each visual token lies in the crops.
+    visual_count: int | None = None
+    span_count: int | None = None
+    crops: CropLayout | None = None
 
     @property
     def n_visual(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.visual_count or self.grid[0] * self.grid[1]
+
+    @property
+    def n_span(self) -> int:
+        """Placeholder tokens per image: the visual tokens plus any layout (newline) tokens."""
+        return self.span_count or self.n_visual
 
 
 @dataclass
@@ -105,18 +115,20 @@ class StagedAdapter(VLMAdapter):
 
     def generate(self, prompts: Sequence[Prompt], *, compressor: TokenCompressor | None = None,
                  budget: Budget | None = None, max_new_tokens: int = 8, seed: int = 0) -> list[Generation]:
-        out: list[Generation] = []
-        for group in self._groups(prompts, compressor):
-            out.extend(self.run(group, compressor=compressor, budget=budget, max_new_tokens=max_new_tokens,
-                                seed=seed).generations)
-        return out
+        out: dict[int, Generation] = {}
+        for indices in self._group_indices(prompts, compressor):
+            group = [prompts[i] for i in indices]
+            generations = self.run(group, compressor=compressor, budget=budget, max_new_tokens=max_new_tokens,
+                                   seed=seed).generations
+            out.update(zip(indices, generations))
+        return [out[i] for i in range(len(prompts))]  # in the order of the prompts, whatever the groups
 
-    def _groups(self, prompts: Sequence[Prompt], compressor: TokenCompressor | None) -> list[list[Prompt]]:
+    def _group_indices(self, prompts: Sequence[Prompt], compressor: TokenCompressor | None) -> list[list[int]]:
         if not self.batchable(compressor):
-            return [[p] for p in prompts]
-        groups: dict[Any, list[Prompt]] = {}
-        for prompt in prompts:
-            groups.setdefault(self._batch_key(prompt), []).append(prompt)
+            return [[i] for i in range(len(prompts))]
+        groups: dict[Any, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            groups.setdefault(self._batch_key(prompt), []).append(index)
         return list(groups.values())
 
     def _batch_key(self, prompt: Prompt) -> Any:
@@ -147,9 +159,9 @@ class StagedAdapter(VLMAdapter):
             with timer.phase("vision"):
                 block = self._visual_tokens(encoded, plan, sequence, traces).to(sequence.hidden.device)
             with timer.phase("prefill"):
-                sequence = splice(sequence, Applied(block, block.origin, 0), policy)
+                sequence = splice(sequence, self._span(encoded, block), policy)
                 prefill = StagedPrefill(decoder, compressor, plan.at(Stage.LLM), encoded.grid, plan.generator,
-                                        traces, policy).run(sequence)
+                                        traces, policy, encoded.crops).run(sequence)
             with timer.phase("decode"):
                 tokens, logits = greedy_decode(decoder, prefill, max_new_tokens, self._eos_ids())
         return Run(self._generations(tokens, traces, timer.ms), tokens, logits, prefill.layer_positions)
@@ -159,7 +171,7 @@ class StagedAdapter(VLMAdapter):
         if compressor is None or budget is None:
             return Plan(None)
         n = encoded.n_visual
-        info = self.info(n, grid=encoded.grid)
+        info = self._info_of(encoded)
         sites = list(compressor.schedule(n, budget.target(n), info))
         unsupported = sorted({str(site.stage) for site, _ in sites} - {str(s) for s in self.stages})
         if unsupported:
@@ -171,19 +183,28 @@ class StagedAdapter(VLMAdapter):
             raise Infeasible(reason)
         return Plan(compressor, sites, torch.Generator().manual_seed(seed))
 
+    def _info_of(self, encoded: Encoded) -> Any:
+        """The :class:`ModelInfo` of an encoded batch's image(s)."""
+        return self.info(encoded.n_visual, grid=encoded.grid)
+
+    def _span(self, encoded: Encoded, block: VisualBlock) -> Applied:
+        """The LLM-space visual span that replaces the placeholders, from the surviving visual tokens
+        (families with layout tokens, like LLaVA-NeXT's newlines, add them here)."""
+        return Applied(block, block.origin, 0)
+
     def _placeholder_sequence(self, encoded: Encoded, decoder: Decoder) -> TokenSequence:
         """The prompt as LLM input embeddings; the visual span still holds placeholder embeddings."""
         ids, mask = encoded.input_ids, encoded.attention_mask.bool()
         is_image = ids == encoded.image_token_id
         counts = is_image.sum(dim=1)
-        if not bool((counts == encoded.n_visual).all()):
-            raise AdapterError(f"each prompt must hold exactly one image of {encoded.n_visual} tokens, "
+        if not bool((counts == encoded.n_span).all()):
+            raise AdapterError(f"each prompt must hold exactly one image of {encoded.n_span} tokens, "
                                f"got {counts.tolist()} image tokens per prompt")
         start = is_image.int().argmax(dim=1)
         positions = encoded.positions if encoded.positions is not None else contiguous_positions(mask)
         hidden = decoder.embed(ids)
         block = VisualBlock.fresh(hidden.gather(1, (start[:, None] + torch.arange(
-            encoded.n_visual, device=ids.device)).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+            encoded.n_span, device=ids.device)).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
         return TokenSequence(hidden, positions, mask, start, block, text_embeds=hidden)
 
     def _generations(self, tokens: torch.Tensor, traces: list[TokenTrace],
