@@ -107,6 +107,10 @@ class ModelInfo:
     # ``grid`` is the base crop's. Empty for single-grid families. Newline tokens are layout, not
     # visual tokens, and are not counted.
     crops: tuple[tuple[int, int], ...] = ()
+    # Video, spec wave 2 §20 E8: the number of frames (temporal positions) of the visual input, 1 for
+    # an image. Layout is frame-major: ``grid`` is one frame's (h, w) and ``n_visual`` counts every
+    # frame's tokens (frames · h · w), so a budget ratio is over all of them.
+    frames: int = 1
 
     @property
     def llm_layers(self) -> int:
@@ -177,6 +181,8 @@ class SiteInput:
     - ``crops``: (h, w) grid of every crop of a multi-crop image (``ModelInfo.crops``), else empty.
     - ``crop_origin`` [B, N, 3]: (crop, y, x) of each token's origin in the crops (-1 for appended
       tokens); ``None`` for single-grid families. Methods that rank per crop group tokens by crop.
+    - ``frames``: frames of a video (``ModelInfo.frames``), 1 for an image. Tokens are frame-major and
+      ``grid`` is one frame's (h, w), so ``origin`` = t·h·w + y·w + x: frame t = origin // (h·w).
     """
 
     visual: torch.Tensor
@@ -205,6 +211,7 @@ class SiteInput:
     clip_text: torch.Tensor | None = None
     crops: tuple[tuple[int, int], ...] = ()
     crop_origin: torch.Tensor | None = None
+    frames: int = 1
 
 
 @dataclass
