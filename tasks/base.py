@@ -26,8 +26,10 @@ class Sample:
 
     ``prompt`` is the user's text (question plus answer-format instruction); the adapter wraps it
     in the model's chat template with the image. ``image`` is a PIL image or a zero-argument
-    callable that decodes it lazily (so a broken image fails that sample only). ``target`` is what
-    the scorer compares against; ``meta`` carries what ``aggregate`` needs (family, split, pair id).
+    callable that decodes it lazily (so a broken image fails that sample only). A video sample has
+    ``image=None`` and ``video``: its sampled frames, or a callable that decodes them lazily.
+    ``target`` is what the scorer compares against; ``meta`` carries what ``aggregate`` needs
+    (family, split, pair id).
     """
 
     id: str
@@ -35,10 +37,16 @@ class Sample:
     image: Image.Image | Callable[[], Image.Image] | None
     target: Any
     meta: dict[str, Any] = field(default_factory=dict)
+    video: Sequence[Image.Image] | Callable[[], Sequence[Image.Image]] | None = None
 
     def load_image(self) -> Image.Image | None:
         image = self.image() if callable(self.image) else self.image
         return image.convert("RGB") if image is not None else None
+
+    def load_video(self) -> list[Image.Image] | None:
+        """The video's frames as RGB images (``None`` for an image sample)."""
+        frames = self.video() if callable(self.video) else self.video
+        return [frame.convert("RGB") for frame in frames] if frames is not None else None
 
 
 class Task:

@@ -23,10 +23,12 @@ from tokenbench.compressor import Infeasible, ModelInfo, Site, Stage, TokenCompr
 
 @dataclass
 class Prompt:
-    """One generation request: an image and the user's text (the adapter applies the chat template)."""
+    """One generation request: an image (or a video's sampled frames, ``video``) and the user's text
+    (the adapter applies the chat template)."""
 
     image: Image.Image | None
     text: str
+    video: Sequence[Image.Image] | None = None  # decoded frames, in time order (spec wave 2 §20 E8)
 
 
 @dataclass
