@@ -108,7 +108,10 @@ class SiteInput:
     - ``text`` [B, T, Dt]: the text tokens that follow the image, in LLM space: their input embeddings
       at pre-LLM stages, their hidden states entering the site's layer at ``llm`` sites.
     - ``cls_attention`` [B, N]: head-mean attention of the vision encoder's CLS query at the selected layer.
-    - ``generator``: seeded by the harness; use it for any randomness.
+    - ``generator``: seeded by the harness; use it for any randomness. With ``generators`` set and
+      more than one row it is None: draw row ``b`` from ``generators[b]`` (see :meth:`row_generators`).
+    - ``generators``: one generator per row, each seeded from the run seed and that row's sample
+      (``Prompt.key``), so a row's draws depend neither on its batch position nor on the batch size.
     """
 
     visual: torch.Tensor
@@ -122,6 +125,14 @@ class SiteInput:
     keys: torch.Tensor | None = None
     text: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
+    generators: list[torch.Generator] | None = None
+
+    def row_generators(self) -> list[torch.Generator | None]:
+        """One generator per row of ``visual``: ``generators`` when the harness set them, else
+        ``generator`` for every row (rows then draw one after another from the same stream)."""
+        if self.generators is not None:
+            return list(self.generators)
+        return [self.generator] * self.visual.shape[0]
 
 
 @dataclass
@@ -185,6 +196,9 @@ class TokenCompressor:
     # Whether reduce draws from SiteInput.generator. Adapters then run the method one sample at a
     # time, so a sample's draw depends on the seed alone, not on its batch neighbours or on resume.
     stochastic: bool = False
+    # Whether a stochastic reduce draws row b only from SiteInput.row_generators()[b]. Such methods
+    # run batched: each row's generator is seeded from (run seed, sample), whatever the batch.
+    draws_per_row: bool = False
     paper: ClassVar[str] = ""
     source: ClassVar[str] = ""
 

@@ -216,7 +216,7 @@ class Harness:
         """The sample's prompt with its decoded image, or the decoding error (once per chunk)."""
         if sample.id not in cache:
             try:
-                cache[sample.id] = Prompt(sample.load_image(), sample.prompt)
+                cache[sample.id] = Prompt(sample.load_image(), sample.prompt, key=sample.id)
             except Exception as exc:  # noqa: BLE001 -- a broken image fails its sample only
                 cache[sample.id] = f"image: {_describe(exc)}"
         return cache[sample.id]
@@ -299,7 +299,7 @@ class Harness:
                                   "method": arm.spec.name, "budget": arm.budget.label if arm.budget else None,
                                   "flash_attention": None, "latency_ms": None, "peak_memory_bytes": None}
         if ok:
-            prompts = [Prompt(s.load_image(), s.prompt) for s in ok]
+            prompts = [Prompt(s.load_image(), s.prompt, key=s.id) for s in ok]
             result["flash_attention"] = self._flash_attention(prompts[0], compressor, arm, task)
             if self.config.efficiency:
                 try:

@@ -96,7 +96,7 @@ class LlavaAdapter(StagedAdapter):
                 signals = {"keys": _clip_keys(keys_of, block_input)[:, 1:]} if "keys" in needs else {}
                 patches.tokens = hidden[:, 1:]
                 applied = run_site(compressor, Site(Stage.VISION, index), vision_sites[index], patches,
-                                   self.patch_grid, plan.generator, **signals)
+                                   self.patch_grid, plan.generator, generators=plan.generators, **signals)
                 patches = applied.block
                 hidden = torch.cat([hidden[:, :1], patches.tokens], dim=1)
                 if compressor.proportional_attention:
@@ -119,13 +119,13 @@ class LlavaAdapter(StagedAdapter):
             if "text" in needs:
                 signals["text"] = sequence.text_after_image()
             patches = run_site(compressor, Site(Stage.VISION_OUT), keep[0], patches, self.patch_grid,
-                               plan.generator, **signals).block
+                               plan.generator, generators=plan.generators, **signals).block
         patches.tokens = self.model.model.multi_modal_projector(patches.tokens)
         keep = plan.at(Stage.PROJECTOR)
         if keep:
             signals = {"text": sequence.text_after_image()} if "text" in needs else {}
             patches = run_site(compressor, Site(Stage.PROJECTOR), keep[0], patches, self.patch_grid,
-                               plan.generator, **signals).block
+                               plan.generator, generators=plan.generators, **signals).block
         return patches
 
     def _cls_attention(self, block_input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -170,12 +170,13 @@ class StagedPrefill:
 
     def __init__(self, decoder: Decoder, compressor: TokenCompressor | None, llm_sites: dict[int, int],
                  grid: tuple[int, int], generator: torch.Generator | None, traces: list[TokenTrace],
-                 position_policy: str) -> None:
+                 position_policy: str, *, generators: list[torch.Generator] | None = None) -> None:
         self.decoder = decoder
         self.compressor = compressor
         self.sites = llm_sites
         self.grid = grid
         self.generator = generator
+        self.generators = generators
         self.traces = traces
         self.policy = position_policy
         needs = compressor.needs if compressor is not None else frozenset()
@@ -246,7 +247,8 @@ class StagedPrefill:
             signals["text"] = seq.text_after_image()
         site = Site(Stage.LLM, index)
         block = VisualBlock(_rows(seq.hidden, seq.visual_index()), seq.block.origin, seq.block.sizes)
-        applied = run_site(self.compressor, site, keep, block, self.grid, self.generator, **signals)
+        applied = run_site(self.compressor, site, keep, block, self.grid, self.generator,
+                           generators=self.generators, **signals)
         return splice(seq, applied, self.policy)
 
     def _attention(self, seq: TokenSequence, attn: nn.Module, normed: torch.Tensor,

@@ -135,5 +135,5 @@ class Qwen2VLAdapter(StagedAdapter):
             compressor = plan.compressor
             signals = {"text": sequence.text_after_image()} if "text" in compressor.needs else {}
             block = run_site(compressor, Site(Stage.PROJECTOR), keep[0], block, encoded.grid, plan.generator,
-                             **signals).block
+                             generators=plan.generators, **signals).block
         return block

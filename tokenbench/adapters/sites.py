@@ -40,7 +40,8 @@ class Applied:
 
 
 def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBlock, grid: tuple[int, int],
-             generator: torch.Generator | None, **signals: torch.Tensor | None) -> Applied:
+             generator: torch.Generator | None, *, generators: list[torch.Generator] | None = None,
+             **signals: torch.Tensor | None) -> Applied:
     """Call ``compressor.reduce`` on ``block`` with the given signals and apply its reduction."""
     wanted = {name: value for name, value in signals.items() if name in compressor.needs}
     missing = sorted(set(compressor.needs) - {k for k, v in wanted.items() if v is not None})
@@ -49,7 +50,7 @@ def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBl
                            f"{site.stage}:{site.layer}, which this adapter cannot provide there; "
                            "schedule it at another stage")
     x = SiteInput(visual=block.tokens, origin=block.origin, grid=grid, keep=keep, site=site,
-                  generator=generator, sizes=block.sizes, **wanted)
+                  generator=generator, sizes=block.sizes, generators=generators, **wanted)
     reduction = compressor.reduce(x)
     try:
         reduction.check(x)
