@@ -134,7 +134,7 @@ class Harness:
         self.config, self.registry, self.adapter = config, registry, adapter
         self.accuracy, self.random_weights = accuracy, random_weights
         self.device = torch.device(config.device)
-        self.dtype = DTYPES[config.dtype]
+        self.dtype = adapter.dtype  # what the weights are in: KV bytes and provenance describe what ran
         self.store: SampleStore
         text_config = adapter.model.config.get_text_config() if hasattr(adapter.model, "config") else None
         self.max_context: int | None = getattr(text_config, "max_position_embeddings", None)
@@ -370,7 +370,8 @@ class Harness:
                 "method": arm.spec.name, "budget": arm.budget.label if arm.budget else None,
                 "stages": self._stages(arm, records),
                 "primary_metric": task.primary_metric, "metric_scale": task.metric_scale,
-                "provenance": provenance(device=self.device, dtype=self.config.dtype, attn=self.config.attn,
+                "provenance": provenance(device=self.device, dtype=str(self.dtype).removeprefix("torch."),
+                                         attn=self.config.attn,
                                          seed=self.config.seed, options=arm.spec.options,
                                          model_location=self.config.model.location)
                 | {"limit": self.config.limit, "max_new_tokens": task.max_new_tokens,
