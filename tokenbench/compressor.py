@@ -68,6 +68,8 @@ class Architecture:
     projector_in: int
     projector_hidden: int
     gated_mlp: bool = True  # SwiGLU-style third matrix in the LLM MLP
+    patch_in: int = 0  # input values per vision patch (channels × patch area × frames); 0: not counted
+    patches_per_token: int = 1  # vision patches per visual token entering the LLM (Qwen2-VL: merge² = 4)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ class LlavaAdapter(StagedAdapter):
             llm_kv_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
             vision_layers=self.vision_blocks, vision_hidden=vision.hidden_size,
             vision_intermediate=vision.intermediate_size, vision_tokens=grid[0] * grid[1] + 1,
-            projector_in=vision.hidden_size, projector_hidden=text.hidden_size, gated_mlp=True)
+            projector_in=vision.hidden_size, projector_hidden=text.hidden_size, gated_mlp=True,
+            patch_in=vision.num_channels * vision.patch_size ** 2)
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch)
 
     def _encode(self, prompts: Sequence[Prompt]) -> Encoded:

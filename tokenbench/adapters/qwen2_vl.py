@@ -87,7 +87,8 @@ class Qwen2VLAdapter(StagedAdapter):
             llm_kv_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
             vision_layers=vision.depth, vision_hidden=width, vision_intermediate=mlp,
             vision_tokens=patches, projector_in=merged, projector_hidden=merged,
-            gated_mlp=True)
+            gated_mlp=True, patch_in=vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2,
+            patches_per_token=self.merge ** 2)
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch)
 
     def _batch_key(self, prompt: Prompt) -> Any:
