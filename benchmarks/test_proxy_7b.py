@@ -27,7 +27,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from sweep import BASELINE, QUESTION, Prompt, arms, build_adapter, image_for, run_once, summarise, sweep, table
+from sweep import (
+    BASELINE,
+    QUESTION,
+    Prompt,
+    arms,
+    build_adapter,
+    image_for,
+    run_once,
+    summarise,
+    sweep,
+    table,
+)
 
 from tokenbench.plugins import load_registry
 
