@@ -79,7 +79,8 @@ def test_proxy_prefill_speedup_next_to_flops(benchmark, registry, proxy):
         print(table(rows, phase))
     benchmark.extra_info["rows"] = by_phase
     if os.environ.get("PROXY_OUT"):
-        Path(os.environ["PROXY_OUT"]).write_text(json.dumps(by_phase, indent=1))
+        raw = {label: {"runs": r.runs, "flops": r.flops} for label, r in results.items()}
+        Path(os.environ["PROXY_OUT"]).write_text(json.dumps({"rows": by_phase, "raw": raw}, indent=1))
 
     assert not [r["arm"] for r in by_phase["ttft"] if r["error"]]
     rows = {r["arm"]: r for r in by_phase["prefill"] if "ms" in r}
