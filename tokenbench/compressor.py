@@ -196,7 +196,8 @@ class TokenCompressor:
     positions: PositionPolicy = "original"
     proportional_attention: bool = False  # ToMe: bias vision attention by log(size)
     # Whether reduce draws from SiteInput.generator. Adapters then run the method one sample at a
-    # time, so a sample's draw depends on the seed alone, not on its batch neighbours or on resume.
+    # time, so a sample's draw depends on the seed and the sample alone, not on its batch neighbours
+    # or on resume.
     stochastic: bool = False
     # Whether a stochastic reduce draws row b only from SiteInput.row_generators()[b]. Such methods
     # run batched: each row's generator is seeded from (run seed, sample), whatever the batch.
