@@ -20,8 +20,9 @@ The pure tensor functions :func:`farthest_point_sampling`, :func:`approximation_
 Deviations from the reference code (MaQianKun0/ApET @70cc01b), each a bug or quirk there:
 
 - FPS start: the reference draws it from the unseeded global RNG, so runs are not reproducible.
-  Here ``fps_start="random"`` draws from the harness's seeded generator; ``first`` and ``max_norm``
-  are deterministic alternatives.
+  Here ``fps_start="random"`` draws each image's start from its own generator, which the harness
+  seeds from (run seed, sample id), so batches give the draws of single samples; ``first`` and
+  ``max_norm`` are deterministic alternatives.
 - FPS distances: the reference computes them in the model dtype; fp16 squared distances overflow to
   inf on large hidden states and then look like "unvisited" points. Here they are fp32.
 - FPS precision: beyond overflow, low-precision distances change the picks themselves: on
@@ -64,6 +65,7 @@ mean of all tokens); NaN or infinite input raises ``ValueError``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -86,6 +88,8 @@ from tokenbench import (
 BasisMode = Literal["replace", "blend", "append"]
 FpsStart = Literal["random", "first", "max_norm"]
 SlotOrder = Literal["ascending", "error"]
+# one generator for the batch, or one per image (row b's draw then depends on generator b only)
+Generators = torch.Generator | Sequence[torch.Generator | None] | None
 
 _FP32_TINY = torch.finfo(torch.float32).tiny
 
@@ -105,12 +109,13 @@ class ApetOutput(NamedTuple):
 
 
 def farthest_point_sampling(x: torch.Tensor, k: int, start: FpsStart | torch.Tensor = "random",
-                            generator: torch.Generator | None = None) -> torch.Tensor:
+                            generator: Generators = None) -> torch.Tensor:
     """Pick ``k`` mutually distant tokens of each image of ``x`` [B, N, D]; return [B, k] indices
     in selection order.
 
     The first pick is ``start``: ``"random"`` (drawn from ``generator``, or the global RNG when it
-    is None), ``"first"`` (index 0), ``"max_norm"`` (the largest-norm token) or a [B] index tensor.
+    is None; a list of generators draws image b's start from the b-th), ``"first"`` (index 0),
+    ``"max_norm"`` (the largest-norm token) or a [B] index tensor.
     Each further pick is the token whose squared Euclidean distance to its nearest picked token is
     largest (fp32, first index on ties); a token is never picked twice, so ``k <= N`` is required.
     """
@@ -139,7 +144,7 @@ def approximation_error(x: torch.Tensor, basis: torch.Tensor, ridge: float = 1e-
 
 def apet_compress(x: torch.Tensor, keep: int, basis: int = 10, *, ridge: float = 1e-5,
                   merge_scaling: float = 1.0, basis_mode: BasisMode = "replace",
-                  start: FpsStart | torch.Tensor = "random", generator: torch.Generator | None = None,
+                  start: FpsStart | torch.Tensor = "random", generator: Generators = None,
                   slot_order: SlotOrder = "ascending") -> ApetOutput:
     """Compress each image of ``x`` [B, N, D] to ``keep`` tokens with ApET.
 
@@ -261,7 +266,7 @@ class ApET(TokenCompressor):
     def __init__(self, **options) -> None:
         super().__init__(**options)
         self.positions = self.options.positions
-        self.stochastic = self.options.fps_start == "random"
+        self.stochastic = self.draws_per_row = self.options.fps_start == "random"
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
         if budget >= n_visual:
@@ -297,7 +302,7 @@ class ApET(TokenCompressor):
         at_llm = x.site.stage is Stage.LLM
         return apet_compress(
             visual, keep, opts.basis, ridge=opts.ridge, merge_scaling=opts.merge_scaling,
-            basis_mode=opts.basis_mode, start=opts.fps_start, generator=x.generator,
+            basis_mode=opts.basis_mode, start=opts.fps_start, generator=x.row_generators(),
             slot_order="error" if opts.basis_slots == "reference" and at_llm else "ascending")
 
     def _per_crop(self, x: SiteInput) -> ApetOutput:
@@ -391,8 +396,7 @@ def _scaled_ridge(ridge: float, scale: torch.Tensor) -> torch.Tensor:
     return (ridge / scale / scale).view(-1, 1, 1).clamp_min(_FP32_TINY)
 
 
-def _start_indices(x: torch.Tensor, start: FpsStart | torch.Tensor,
-                   generator: torch.Generator | None) -> torch.Tensor:
+def _start_indices(x: torch.Tensor, start: FpsStart | torch.Tensor, generator: Generators) -> torch.Tensor:
     batch, n, _ = x.shape
     if isinstance(start, torch.Tensor):
         return start.to(device=x.device, dtype=torch.long).reshape(batch)
@@ -400,10 +404,18 @@ def _start_indices(x: torch.Tensor, start: FpsStart | torch.Tensor,
         return torch.zeros(batch, dtype=torch.long, device=x.device)
     if start == "max_norm":
         return x.norm(dim=2).argmax(dim=1)
+    if start == "random" and isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"apet: {len(generator)} generators for {batch} images; give one per image")
+        return torch.cat([_random_start(n, 1, g) for g in generator]).to(x.device)
     if start == "random":
-        device = generator.device if generator is not None else "cpu"
-        return torch.randint(0, n, (batch,), generator=generator, device=device).to(x.device)
+        return _random_start(n, batch, generator).to(x.device)
     raise ValueError(f"apet: unknown FPS start {start!r}; use random, first, max_norm or an index tensor")
+
+
+def _random_start(n: int, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, n, (count,), generator=generator, device=device)
 
 
 def _fps_on_scaled(x: torch.Tensor, k: int, first: torch.Tensor) -> torch.Tensor:

@@ -48,20 +48,21 @@ class NoCompression(TokenCompressor):
 
 
 class RandomKeep(TokenCompressor):
-    """Keeps ``budget`` visual tokens drawn uniformly without replacement (seeded)."""
+    """Keeps ``budget`` visual tokens drawn uniformly without replacement (seeded per sample)."""
 
     name = "random"
     stages = (Stage.VISION_OUT, Stage.PROJECTOR)
     paper = "random-drop baseline"
     stochastic = True
+    draws_per_row = True
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
         return single_site_plan(n_visual, budget, info)
 
     def reduce(self, x: SiteInput) -> Reduction:
-        b, n, _ = x.visual.shape
+        n = x.visual.shape[1]
         keep = min(x.keep, n)
-        noise = torch.rand(b, n, generator=x.generator, device="cpu")
+        noise = torch.stack([torch.rand(n, generator=g, device="cpu") for g in x.row_generators()])
         chosen = noise.topk(keep, dim=1).indices.sort(dim=1).values
         return Reduction(chosen.to(x.visual.device))
 

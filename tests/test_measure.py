@@ -43,7 +43,8 @@ def llava_7b_arch() -> Architecture:
         llm_kv_heads=text["num_key_value_heads"], vocab_size=text["vocab_size"],
         vision_layers=vision["num_hidden_layers"] - 1, vision_hidden=vision["hidden_size"],
         vision_intermediate=vision["intermediate_size"], vision_tokens=side * side + 1,
-        projector_in=vision["hidden_size"], projector_hidden=text["hidden_size"])
+        projector_in=vision["hidden_size"], projector_hidden=text["hidden_size"],
+        patch_in=3 * vision["patch_size"] ** 2)
 
 
 def uniform_trace(arch: Architecture, llm_total: list[int], generated: int = 0) -> TokenTrace:
@@ -79,12 +80,22 @@ def test_llava_7b_full_flops_by_hand():
     llm = 32 * (n * (2 * d * d + 2 * d * d) + 2 * n * n * d + 3 * n * d * m)  # MHA: kv width = d
     vision = 23 * (4 * 577 * 1024**2 + 2 * 577**2 * 1024 + 2 * 577 * 1024 * 4096)
     projector = 576 * (1024 * 4096 + 4096 * 4096)
+    patch_embed = 576 * (3 * 14 * 14) * 1024  # the 14×14 RGB patches of 336×336 into CLIP-L's width
     assert flops["llm_prefill"] == 2 * llm
     assert flops["vision"] == 2 * vision
     assert flops["projector"] == 2 * projector
-    assert flops["prefill"] == 2 * (llm + vision + projector + d * 32064)
+    assert flops["patch_embed"] == 2 * patch_embed and flops["patch_embed"] / 1e9 == pytest.approx(0.69, abs=0.005)
+    assert flops["probe"] == 0
+    assert flops["prefill"] == 2 * (llm + vision + projector + patch_embed + d * 32064)
     assert flops["decode"] == 0  # one generated token comes from the prefill logits
     assert flops["prefill"] / 1e12 == pytest.approx(9.32, abs=0.01)  # 4.66 TMACs, 93% in the LLM
+
+
+def test_llava_7b_probe_rows_pay_their_q_projection_and_scores():
+    arch = llava_7b_arch()
+    trace = uniform_trace(arch, [671] * 2 + [290] * 30)
+    trace.probe_rows = 1  # FastV's last-token row at layer K - 1
+    assert full_flops(arch, trace)["probe"] == 2 * (4096 * 4096 + 671 * 4096)
 
 
 def test_kv_cache_bytes_llava_7b_half_megabyte_per_token():
@@ -144,10 +155,12 @@ def test_full_flops_match_flop_counter_on_tiny_llava(tiny_llava_dir, registry, s
     generation, counts = _measured(adapter, shapes_prompt, compressor, Budget.parse(budget) if budget else None)
     flops = full_flops(adapter.info().arch, generation.trace)
     steps = generation.trace.generated_tokens - 1
+    assert _sum(counts, "CLIPVisionEmbeddings") == flops["patch_embed"] > 0
     assert _sum(counts, "CLIPEncoderLayer") == flops["vision"]
     assert _sum(counts, "LlavaMultiModalProjector") == flops["projector"]
     assert _sum(counts, "LlamaDecoderLayer") == flops["llm_prefill"] + flops["decode"] - steps * flops["lm_head"]
     assert _sum(counts, "Linear") == (steps + 1) * flops["lm_head"]  # the LM head, called directly
+    _check_total(counts, flops, method)
     if method is not None:
         assert flops["prefill"] < _cached_baseline_prefill(adapter, generation.trace)
 
@@ -166,10 +179,22 @@ def test_full_flops_match_flop_counter_on_tiny_qwen2_vl(tiny_qwen2_vl_dir, regis
     generation, counts = _measured(adapter, prompt, compressor, Budget.parse(budget) if budget else None)
     flops = full_flops(adapter.info().arch, generation.trace)
     steps = generation.trace.generated_tokens - 1
+    assert _sum(counts, r".*\.patch_embed") == flops["patch_embed"] > 0
     assert _sum(counts, r".*\.blocks\.\d+") == flops["vision"]
     assert _sum(counts, r".*\.merger") == flops["projector"]
     assert _sum(counts, "Qwen2VLDecoderLayer") == flops["llm_prefill"] + flops["decode"] - steps * flops["lm_head"]
     assert _sum(counts, "Linear") == (steps + 1) * flops["lm_head"]
+    _check_total(counts, flops, method)
+
+
+def _check_total(counts: dict[str, int], flops: dict, method: str | None) -> None:
+    """Every counted matrix product, probe rows (q-projection and scores) included, is in the formula;
+    ApET's and ToMe's own matrix products (selection and merging overhead) are the only extra."""
+    formula = flops["prefill"] + flops["decode"]
+    if method in (None, "random", "fastv"):
+        assert counts["Global"] == formula
+    else:
+        assert counts["Global"] > formula
 
 
 _ADAPTERS: dict = {}

@@ -88,6 +88,8 @@ class Architecture:
     projector_in: int
     projector_hidden: int
     gated_mlp: bool = True  # SwiGLU-style third matrix in the LLM MLP
+    patch_in: int = 0  # input values per vision patch (channels × patch area × frames); 0: not counted
+    patches_per_token: int = 1  # vision patches per visual token entering the LLM (Qwen2-VL: merge² = 4)
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,10 @@ class SiteInput:
     - ``clip_text`` [B, M, Dc]: the CLIP text embeddings (projected pooled output) of the instruction
       (``TokenCompressor.clip_instruction`` of the prompt), one row per ``max_position_embeddings``
       tokens (usually M = 1).
-    - ``generator``: seeded by the harness; use it for any randomness.
+    - ``generator``: seeded by the harness; use it for any randomness. With ``generators`` set and
+      more than one row it is None: draw row ``b`` from ``generators[b]`` (see :meth:`row_generators`).
+    - ``generators``: one generator per row, each seeded from the run seed and that row's sample
+      (``Prompt.key``), so a row's draws depend neither on its batch position nor on the batch size.
 
     Signals at ``llm`` sites only, each requested through ``needs`` (the layer they come from is the
     one ``TokenCompressor.attention_source`` names, like ``attention`` and ``keys``):
@@ -212,6 +217,14 @@ class SiteInput:
     crops: tuple[tuple[int, int], ...] = ()
     crop_origin: torch.Tensor | None = None
     frames: int = 1
+    generators: list[torch.Generator] | None = None
+
+    def row_generators(self) -> list[torch.Generator | None]:
+        """One generator per row of ``visual``: ``generators`` when the harness set them, else
+        ``generator`` for every row (rows then draw one after another from the same stream)."""
+        if self.generators is not None:
+            return list(self.generators)
+        return [self.generator] * self.visual.shape[0]
 
 
 @dataclass
@@ -290,7 +303,8 @@ class TokenCompressor:
     positions: PositionPolicy = "original"
     proportional_attention: bool = False  # ToMe: bias vision attention by log(size)
     # Whether reduce draws from SiteInput.generator. Adapters then run the method one sample at a
-    # time, so a sample's draw depends on the seed alone, not on its batch neighbours or on resume.
+    # time, so a sample's draw depends on the seed and the sample alone, not on its batch neighbours
+    # or on resume.
     stochastic: bool = False
     # E2: how ``cls_attention_next`` / ``keys_next`` combine heads: ``mean`` or ``concat`` (PruMerge+).
     next_block_heads: NextBlockHeads = "mean"
@@ -302,6 +316,9 @@ class TokenCompressor:
     # at the budget (PruMerge+'s adaptive count): the plan may exceed the budget and the realised
     # tokens the harness records are the result. Adapters run such methods one sample at a time.
     adaptive_count: bool = False
+    # Whether a stochastic reduce draws row b only from SiteInput.row_generators()[b]. Such methods
+    # run batched: each row's generator is seeded from (run seed, sample), whatever the batch.
+    draws_per_row: bool = False
     paper: ClassVar[str] = ""
     source: ClassVar[str] = ""
 

@@ -7,6 +7,8 @@ actually ran and need no model internals. Two formulas, always named in the outp
 
 ``full_flops`` (unit FLOP = 2 × multiply–accumulates) counts every matrix product:
 
+- patch embedding, per patch: ``patch_in·dv`` (the convolution: channels × patch area × frames
+  input values to width ``dv``);
 - vision encoder, per block with ``t`` tokens, width ``dv``, MLP width ``mv``: Q, K, V, O projections
   ``4·t·dv²``, attention ``QKᵀ`` and ``AV`` ``2·t²·dv``, MLP ``2·t·dv·mv`` (MACs);
 - projector, per visual token it runs on: ``in·hidden + hidden·d``;
@@ -16,9 +18,10 @@ actually ran and need no model internals. Two formulas, always named in the outp
   SwiGLU's gate matrix (``2·n·d·m`` without), plus the LM head ``d·V`` on the last prompt token only;
 - LLM decode, for each of the ``R − 1`` forward steps after the first generated token (the first
   comes from the prefill logits): per layer ``2d² + 2d·g·d/h + 3dm`` and attention ``2·d·c`` over the
-  ``c`` cached tokens of that layer (pruned layers keep shorter caches), plus the LM head.
+  ``c`` cached tokens of that layer (pruned layers keep shorter caches), plus the LM head;
+- attention probes (``probe_rows``): per row the q-projection ``d²`` and ``QKᵀ`` over the prompt.
 
-Not counted: patch/position embeddings, norms, activations, softmax, rotary embeddings, residual adds,
+Not counted: position embeddings, norms, activations, softmax, rotary embeddings, residual adds,
 token-compression overhead other than probe attention rows (all of them are O(n·d), a fraction of a
 percent here).
 
@@ -67,6 +70,11 @@ def vision_macs(arch: Architecture, trace: TokenTrace) -> int:
     return sum(4 * t * dv * dv + 2 * t * t * dv + 2 * t * dv * mv for t in trace.vision)
 
 
+def patch_embed_macs(arch: Architecture, trace: TokenTrace) -> int:
+    """The patch-embedding convolution: every patch of the image, ``patch_in`` values to ``dv``."""
+    return trace.n_visual * arch.patches_per_token * arch.patch_in * arch.vision_hidden
+
+
 def projector_tokens(trace: TokenTrace) -> int:
     """Visual tokens the projector runs on: those entering the LLM, unless a ``projector`` site (or
     an ``llm`` site at layer 0) reduced them after the projector ran on the earlier count."""
@@ -111,23 +119,26 @@ def llm_decode_macs(arch: Architecture, trace: TokenTrace) -> int:
 
 
 def probe_macs(arch: Architecture, trace: TokenTrace) -> int:
-    """Attention-probe rows computed beside the fused kernel: ``QKᵀ`` for those rows over the
-    prompt (an upper bound: each row is charged the full prompt length), plus the key projection of
-    the tokens whose keys the probe computed itself rather than read from the cache."""
+    """Attention-probe rows computed beside the fused kernel: each row's q-projection (``d²``) and
+    ``QKᵀ`` over the prompt (an upper bound: each row is charged the full prompt length; rows of a
+    vision-encoder probe are charged at the LLM width too), plus the key projection of the tokens
+    whose keys the probe computed itself rather than read from the cache."""
     context = max(trace.llm_total, default=0)
-    return trace.probe_rows * context * arch.llm_hidden + trace.probe_key_tokens * arch.llm_hidden * _kv_width(arch)
+    return (trace.probe_rows * (context * arch.llm_hidden + arch.llm_hidden * arch.llm_hidden)
+            + trace.probe_key_tokens * arch.llm_hidden * _kv_width(arch))
 
 
 def full_flops(arch: Architecture, trace: TokenTrace) -> dict[str, Any]:
     vision = 2 * vision_macs(arch, trace)
+    patch_embed = 2 * patch_embed_macs(arch, trace)
     projector = 2 * projector_macs(arch, trace)
     llm_prefill = 2 * llm_prefill_macs(arch, trace)
     lm_head = 2 * arch.llm_hidden * arch.vocab_size
     probe = 2 * probe_macs(arch, trace)
     decode = 2 * llm_decode_macs(arch, trace) + decode_steps(trace) * lm_head
     return {"formula": "full_flops", "unit": "FLOP",
-            "prefill": vision + projector + llm_prefill + lm_head + probe, "decode": decode,
-            "vision": vision, "projector": projector, "llm_prefill": llm_prefill, "lm_head": lm_head,
+            "prefill": patch_embed + vision + projector + llm_prefill + lm_head + probe, "decode": decode,
+            "patch_embed": patch_embed, "vision": vision, "projector": projector, "llm_prefill": llm_prefill, "lm_head": lm_head,
             "probe": probe}
 
 

@@ -2,7 +2,8 @@
 
 Timings, memory and FLOPs depend on the model's shapes, not its weights, so ``tokenbench run
 --model-config llava-1.5-7b`` (a shipped config, or any config.json path) can time LLaVA-1.5-7B-shaped prefill without
-downloading 14 GB. The weights are created directly on the target device in the target dtype. The
+downloading 14 GB. The weights are created directly on the target device in ``--dtype`` (the config's
+``torch_dtype`` is ignored: it names the checkpoint's storage dtype, and no checkpoint is read). The
 processor is built offline: the family's stock image processor with the config's image size and a
 small word-level tokenizer (from :mod:`tokenbench.tiny_models`) whose image placeholder ids are
 written back into the config, so prompts expand to exactly as many visual tokens as the real model's.
@@ -84,7 +85,7 @@ def random_weight_adapter(path: Path, registry: Registry, *, dtype: torch.dtype,
     check_attention(attn)
     raw = read_config(path)
     processor, token_ids = _processor(raw)
-    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "_name_or_path"})
+    config = AutoConfig.for_model(**_without_dtype({k: v for k, v in raw.items() if k != "_name_or_path"}))
     for key, value in token_ids.items():
         setattr(config, key, value)
     config._attn_implementation = attn
@@ -92,11 +93,21 @@ def random_weight_adapter(path: Path, registry: Registry, *, dtype: torch.dtype,
     try:
         torch.set_default_dtype(dtype)
         with torch.device(device):
-            model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn)
+            model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn, dtype=dtype)
     finally:
         torch.set_default_dtype(previous)
+    wrong = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype}
+    if wrong:
+        raise ConfigError(f"--model-config '{path}' built weights in {', '.join(sorted(wrong))}, not --dtype {dtype}")
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return registry.adapter_for(raw["model_type"])(model.eval(), processor)
+
+
+def _without_dtype(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without its ``torch_dtype``/``dtype`` keys (nested ones too): the checkpoint's dtype
+    must not override ``--dtype`` when the weights are random."""
+    return {key: _without_dtype(value) if isinstance(value, dict) else value
+            for key, value in config.items() if key not in ("torch_dtype", "dtype")}
 
 
 def _processor(raw: dict[str, Any]) -> tuple[Any, dict[str, int]]:

@@ -210,7 +210,7 @@ class Harness:
         self.config, self.registry, self.adapter = config, registry, adapter
         self.accuracy, self.random_weights = accuracy, random_weights
         self.device = torch.device(config.device)
-        self.dtype = DTYPES[config.dtype]
+        self.dtype = adapter.dtype  # what the weights are in: KV bytes and provenance describe what ran
         self.store: SampleStore
         self.processes = Processes()
         text_config = adapter.model.config.get_text_config() if hasattr(adapter.model, "config") else None
@@ -326,7 +326,7 @@ class Harness:
         """The sample's prompt with its decoded image, or the decoding error (once per chunk)."""
         if sample.id not in cache:
             try:
-                cache[sample.id] = Prompt(sample.load_image(), sample.prompt)
+                cache[sample.id] = Prompt(sample.load_image(), sample.prompt, key=sample.id)
             except Exception as exc:  # noqa: BLE001 -- a broken image fails its sample only
                 cache[sample.id] = f"image: {_describe(exc)}"
         return cache[sample.id]
@@ -412,7 +412,7 @@ class Harness:
                                   "method": arm.spec.name, "budget": arm.budget.label if arm.budget else None,
                                   "flash_attention": None, "latency_ms": None, "peak_memory_bytes": None}
         if ok:
-            prompts = [Prompt(s.load_image(), s.prompt) for s in ok]
+            prompts = [Prompt(s.load_image(), s.prompt, key=s.id) for s in ok]
             result["flash_attention"] = self._flash_attention(prompts[0], compressor, arm, task)
             if self.config.efficiency:
                 try:
@@ -488,7 +488,8 @@ class Harness:
                 "method": arm.spec.name, "budget": arm.budget.label if arm.budget else None,
                 "stages": self._stages(arm, records),
                 "primary_metric": task.primary_metric, "metric_scale": task.metric_scale,
-                "provenance": provenance(device=self.device, dtype=self.config.dtype, attn=self.config.attn,
+                "provenance": provenance(device=self.device, dtype=str(self.dtype).removeprefix("torch."),
+                                         attn=self.config.attn,
                                          seed=self.config.seed, options=arm.spec.options,
                                          model_location=self.config.model.location)
                 | {"processes": self.processes.world_size, **device_placement(self.adapter.model)}

@@ -12,6 +12,7 @@ registered compressor, first- and third-party alike; a plugin's tests can call i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -170,8 +171,28 @@ def check_plan_reductions(compressor: TokenCompressor, info: ModelInfo, plan: li
         again = check_reduction(compressor, synthetic_input(compressor, site, keep, n, info.grid, batch=batch,
                                                             dtype=dtype, seed=index, crops=info.crops))
         assert _same(first, again), f"{compressor.name} at {site}: not deterministic under a fixed seed"
+        if compressor.draws_per_row and batch > 1:
+            check_row_draws(compressor, x)
         n = first.keep.shape[1] + (first.extra.shape[1] if first.extra is not None else 0) + (
             first.prefix.shape[1] if first.prefix is not None else 0)
+
+
+def check_row_draws(compressor: TokenCompressor, x: SiteInput) -> None:
+    """For a ``draws_per_row`` method: with one generator per row, each row keeps what it keeps alone
+    with the same generator, so its draws depend on neither its batch position nor the batch size."""
+    rows = x.visual.shape[0]
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(1000 + row) for row in range(rows)]
+
+    batched = compressor.reduce(dataclasses.replace(x, generator=None, generators=generators()))
+    for row, generator in zip(range(rows)[::-1], generators()[::-1]):  # alone, and in another order
+        alone = dataclasses.replace(x, generator=generator, generators=[generator], **{
+            f.name: getattr(x, f.name)[row:row + 1] for f in dataclasses.fields(x)
+            if isinstance(getattr(x, f.name), torch.Tensor)})
+        assert torch.equal(compressor.reduce(alone).keep[0], batched.keep[row]), (
+            f"{compressor.name} at {x.site}: row {row} keeps other tokens in a batch than alone; "
+            "with draws_per_row it must draw row b from SiteInput.row_generators()[b] only")
 
 
 def check_compressor(cls: type[TokenCompressor], options: dict[str, Any] | None = None, *,

@@ -7,6 +7,7 @@ sample, and then lets greedy decoding continue on the shortened KV cache.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,19 @@ class Prompt:
     image: Image.Image | None
     text: str
     video: Sequence[Image.Image] | None = None  # decoded frames, in time order (spec wave 2 §20 E8)
+    key: str | None = None  # seeds the sample's random draws (the harness passes the sample id)
+
+    def draw_key(self) -> str:
+        """What seeds this prompt's random draws with the run seed: ``key``, else a digest of the text
+        and the image (or frame) pixels (so the draws follow the content, not the batch position)."""
+        if self.key is not None:
+            return self.key
+        digest = hashlib.sha256(self.text.encode())
+        for image in [self.image, *(self.video or ())]:
+            if image is not None:
+                digest.update(f"{image.mode}{image.size}".encode())
+                digest.update(image.tobytes())
+        return "content:" + digest.hexdigest()
 
 
 @dataclass

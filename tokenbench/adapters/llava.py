@@ -102,7 +102,8 @@ class LlavaAdapter(StagedAdapter):
             llm_kv_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
             vision_layers=self.vision_blocks, vision_hidden=vision.hidden_size,
             vision_intermediate=vision.intermediate_size, vision_tokens=grid[0] * grid[1] + 1,
-            projector_in=vision.hidden_size, projector_hidden=text.hidden_size, gated_mlp=True)
+            projector_in=vision.hidden_size, projector_hidden=text.hidden_size, gated_mlp=True,
+            patch_in=vision.num_channels * vision.patch_size ** 2)
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch, self.served_signals)
 
     def _encode(self, prompts: Sequence[Prompt]) -> Encoded:
@@ -142,7 +143,7 @@ class LlavaAdapter(StagedAdapter):
                 signals = {"keys": _clip_keys(keys_of, block_input)[:, 1:]} if "keys" in needs else {}
                 patches.tokens = hidden[:, 1:]
                 applied = run_site(compressor, Site(Stage.VISION, index), vision_sites[index], patches,
-                                   self.patch_grid, plan.generator, **signals)
+                                   self.patch_grid, plan.generator, generators=plan.generators, **signals)
                 patches = applied.block
                 hidden = torch.cat([hidden[:, :1], patches.tokens], dim=1)
                 if compressor.proportional_attention:
@@ -174,7 +175,7 @@ class LlavaAdapter(StagedAdapter):
                 signals |= self._next_block_signals(hidden, bias, compressor, traces)
             signals |= self._clip_signals(patches.tokens, encoded, compressor)
             patches = run_site(compressor, Site(Stage.VISION_OUT), keep[0], patches, self.patch_grid,
-                               plan.generator, **signals).block
+                               plan.generator, generators=plan.generators, **signals).block
         features = patches.tokens
         patches.tokens = self.model.model.multi_modal_projector(features)
         keep = plan.at(Stage.PROJECTOR)
@@ -182,7 +183,7 @@ class LlavaAdapter(StagedAdapter):
             signals = {"text": sequence.text_after_image()} if "text" in needs else {}
             signals |= self._clip_signals(features, encoded, compressor)
             patches = run_site(compressor, Site(Stage.PROJECTOR), keep[0], patches, self.patch_grid,
-                               plan.generator, **signals).block
+                               plan.generator, generators=plan.generators, **signals).block
         return patches
 
     def _cls_attention(self, block_input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -132,11 +132,11 @@ class LlavaNextAdapter(LlavaAdapter):
             if "text" in needs:
                 signals["text"] = sequence.text_after_image()
             patches = run_site(compressor, Site(Stage.VISION_OUT), keep[0], patches, encoded.grid,
-                               plan.generator, encoded.crops, **signals).block
+                               plan.generator, encoded.crops, generators=plan.generators, **signals).block
         patches.tokens = self.model.model.multi_modal_projector(patches.tokens)
         keep = plan.at(Stage.PROJECTOR)
         if keep:
             signals = {"text": sequence.text_after_image()} if "text" in needs else {}
             patches = run_site(compressor, Site(Stage.PROJECTOR), keep[0], patches, encoded.grid,
-                               plan.generator, encoded.crops, **signals).block
+                               plan.generator, encoded.crops, generators=plan.generators, **signals).block
         return patches

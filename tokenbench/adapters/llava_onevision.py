@@ -142,5 +142,5 @@ class LlavaOnevisionAdapter(StagedAdapter):
             compressor = plan.compressor
             signals = {"text": sequence.text_after_image()} if "text" in compressor.needs else {}
             block = run_site(compressor, Site(Stage.PROJECTOR), keep[0], block, encoded.grid, plan.generator,
-                             encoded.crops, **signals).block
+                             encoded.crops, generators=plan.generators, **signals).block
         return block

@@ -214,12 +214,14 @@ class StagedPrefill:
 
     def __init__(self, decoder: Decoder, compressor: TokenCompressor | None, llm_sites: dict[int, int],
                  grid: tuple[int, int], generator: torch.Generator | None, traces: list[TokenTrace],
-                 position_policy: str, crops: CropLayout | None = None) -> None:
+                 position_policy: str, crops: CropLayout | None = None, *,
+                 generators: list[torch.Generator] | None = None) -> None:
         self.decoder = decoder
         self.compressor = compressor
         self.sites = llm_sites
         self.grid = grid
         self.generator = generator
+        self.generators = generators
         self.traces = traces
         self.policy = position_policy
         self.crops = crops
@@ -297,7 +299,8 @@ class StagedPrefill:
         visual_at = visual_rows - seq.visual_start[:, None]
         block = VisualBlock(_rows(seq.hidden, visual_rows), seq.block.origin.gather(1, visual_at),
                             seq.block.sizes.gather(1, visual_at))
-        applied = run_site(self.compressor, site, keep, block, self.grid, self.generator, self.crops, **signals)
+        applied = run_site(self.compressor, site, keep, block, self.grid, self.generator, self.crops,
+                           generators=self.generators, **signals)
         if seq.n_newlines:
             span = VisualBlock(_rows(seq.hidden, seq.span_index()), seq.block.origin, seq.block.sizes,
                                seq.block.line)

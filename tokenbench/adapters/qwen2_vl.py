@@ -104,7 +104,8 @@ class Qwen2VLAdapter(StagedAdapter):
             llm_kv_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
             vision_layers=vision.depth, vision_hidden=width, vision_intermediate=mlp,
             vision_tokens=patches, projector_in=merged, projector_hidden=merged,
-            gated_mlp=True)
+            gated_mlp=True, patch_in=vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2,
+            patches_per_token=self.merge ** 2)
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch, self.served_signals)
 
     def unserved_signal_reason(self, compressor: TokenCompressor,
@@ -178,7 +179,7 @@ class Qwen2VLAdapter(StagedAdapter):
                 for trace in traces:
                     trace.probe_rows += tokens
             block = run_site(compressor, Site(Stage.PROJECTOR), keep[0], block, encoded.grid, plan.generator,
-                             **signals).block
+                             generators=plan.generators, **signals).block
         return block
 
     def _received_attention(self, captured: dict[str, Any], grid_thw: torch.Tensor,

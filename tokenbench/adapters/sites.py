@@ -68,7 +68,8 @@ class Applied:
 
 
 def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBlock, grid: tuple[int, int],
-             generator: torch.Generator | None, crops: CropLayout | None = None,
+             generator: torch.Generator | None, crops: CropLayout | None = None, *,
+             generators: list[torch.Generator] | None = None,
              **signals: torch.Tensor | None) -> Applied:
     """Call ``compressor.reduce`` on ``block`` with the given signals and apply its reduction;
     ``crops`` fills the per-crop fields of the :class:`SiteInput` for multi-crop images."""
@@ -83,7 +84,7 @@ def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBl
                            "schedule it at another stage")
     geometry = {} if crops is None else {"crops": crops.grids, "crop_origin": crops.of(block.origin)}
     x = SiteInput(visual=block.tokens, origin=block.origin, grid=grid, keep=keep, site=site,
-                  generator=generator, sizes=block.sizes, **wanted, **geometry)
+                  generator=generator, sizes=block.sizes, generators=generators, **wanted, **geometry)
     reduction = compressor.reduce(x)
     try:
         reduction.check(x)

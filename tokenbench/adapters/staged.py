@@ -8,6 +8,7 @@ and :meth:`StagedAdapter._decoder`.
 
 from __future__ import annotations
 
+import hashlib
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -66,6 +67,7 @@ class Plan:
     compressor: TokenCompressor | None
     sites: list[tuple[Site, int]] = field(default_factory=list)
     generator: torch.Generator | None = None
+    generators: list[torch.Generator] | None = None  # one per row, for stochastic methods (see sample_seed)
 
     def at(self, stage: Stage) -> dict[int, int]:
         return {site.layer: keep for site, keep in self.sites if site.stage is stage}
@@ -79,6 +81,13 @@ class Run:
     tokens: torch.Tensor  # [B, T]
     logits: torch.Tensor  # [B, T, V]
     layer_positions: list[torch.Tensor]  # position ids fed to each decoder layer in prefill
+
+
+def sample_seed(seed: int, key: str) -> int:
+    """The seed of one sample's generator: a hash of the run seed and the sample's key, so its draws
+    depend on neither its batch position, nor the batch size, nor whether the run was resumed."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # below 2**63
 
 
 class PhaseTimer:
@@ -104,10 +113,10 @@ class StagedAdapter(VLMAdapter):
     def batchable(self, compressor: TokenCompressor | None) -> bool:
         """Batches need one query row per sample: ``text`` signals and ``text``/``all`` attention
         rows differ in length between left-padded rows, so those methods run one sample at a time;
-        so do ``stochastic`` ones, whose per-row draws would otherwise depend on batch position."""
+        so do ``stochastic`` ones unless they draw each row from its own generator (``draws_per_row``)."""
         if compressor is None:
             return True
-        if compressor.stochastic or "text" in compressor.needs:
+        if (compressor.stochastic and not compressor.draws_per_row) or "text" in compressor.needs:
             return False
         if compressor.adaptive_count or "clip_text" in compressor.needs:
             return False  # per-image token counts / instruction segments differ between rows
@@ -140,15 +149,18 @@ class StagedAdapter(VLMAdapter):
         """Generate for one batch (equal visual-token counts) and keep the internals tests check."""
         if any(p.image is None for p in prompts):
             raise AdapterError("every prompt needs an image; text-only prompts are not supported")
+        keys = [p.draw_key() for p in prompts] if compressor is not None and compressor.stochastic else None
         encoded = self._encode(prompts)
         encoded.texts = [p.text for p in prompts]
         return self.run_encoded(encoded, compressor=compressor, budget=budget,
-                                max_new_tokens=max_new_tokens, seed=seed)
+                                max_new_tokens=max_new_tokens, seed=seed, keys=keys)
 
     def run_encoded(self, encoded: Encoded, *, compressor: TokenCompressor | None = None,
-                    budget: Budget | None = None, max_new_tokens: int = 8, seed: int = 0) -> Run:
-        """:meth:`run` on an already encoded batch (tests extend prompts with generated ids)."""
-        plan = self._plan(encoded, compressor, budget, seed)
+                    budget: Budget | None = None, max_new_tokens: int = 8, seed: int = 0,
+                    keys: Sequence[str] | None = None) -> Run:
+        """:meth:`run` on an already encoded batch (tests extend prompts with generated ids).
+        ``keys``: one per row, seeding that row's generator with ``seed`` (else one shared generator)."""
+        plan = self._plan(encoded, compressor, budget, seed, keys)
         traces = [TokenTrace(n_visual=encoded.n_visual, plan=[(str(s.stage), s.layer, k) for s, k in plan.sites],
                              prompt_tokens=int(n)) for n in encoded.attention_mask.sum(dim=1).tolist()]
         policy = self.fixed_position_policy or (compressor.positions if compressor else "original")
@@ -161,13 +173,13 @@ class StagedAdapter(VLMAdapter):
             with timer.phase("prefill"):
                 sequence = splice(sequence, self._span(encoded, block), policy)
                 prefill = StagedPrefill(decoder, compressor, plan.at(Stage.LLM), encoded.grid, plan.generator,
-                                        traces, policy, encoded.crops).run(sequence)
+                                        traces, policy, encoded.crops, generators=plan.generators).run(sequence)
             with timer.phase("decode"):
                 tokens, logits = greedy_decode(decoder, prefill, max_new_tokens, self._eos_ids())
         return Run(self._generations(tokens, traces, timer.ms), tokens, logits, prefill.layer_positions)
 
     def _plan(self, encoded: Encoded, compressor: TokenCompressor | None, budget: Budget | None,
-              seed: int) -> Plan:
+              seed: int, keys: Sequence[str] | None = None) -> Plan:
         if compressor is None or budget is None:
             return Plan(None)
         n = encoded.n_visual
@@ -181,7 +193,10 @@ class StagedAdapter(VLMAdapter):
         reason = self.unserved_signal_reason(compressor, sites)
         if reason:
             raise Infeasible(reason)
-        return Plan(compressor, sites, torch.Generator().manual_seed(seed))
+        if keys is None:
+            return Plan(compressor, sites, torch.Generator().manual_seed(seed))
+        generators = [torch.Generator().manual_seed(sample_seed(seed, key)) for key in keys]
+        return Plan(compressor, sites, generators[0] if len(generators) == 1 else None, generators)
 
     def _info_of(self, encoded: Encoded) -> Any:
         """The :class:`ModelInfo` of an encoded batch's image(s)."""

@@ -155,7 +155,10 @@ class TokenbenchLMM(lmms):
         prompts = []
         for request, _ in batch:
             context, _, doc_to_visual, doc_id, task, split = request.args[:6]
-            prompts.append(Prompt(single_image(doc_to_visual(self.task_dict[task][split][doc_id])), context))
+            # keyed by the doc id, as `tokenbench run --tasks lmms:<task>` keys its samples, so a
+            # stochastic method draws the same numbers for a document in both directions
+            prompts.append(Prompt(single_image(doc_to_visual(self.task_dict[task][split][doc_id])), context,
+                                  key=str(doc_id)))
         decoding = batch[0][1]
         with torch.inference_mode():
             generations = self.adapter.generate(prompts, compressor=self.compressor, budget=self.budget,
