@@ -51,6 +51,7 @@ class RunConfig:
     efficiency: bool = True
     scoring: str = "official"  # each benchmark's official rule, or "lenient" (Task.scoring)
     protocol: str | None = None  # "llava" / "hf"; None: the model's default (runner.resolve_protocol)
+    threads: int | None = None  # torch.set_num_threads before the run; None: torch's default
 
 
 def parse_method_list(text: str, registry: Registry) -> list[str]:

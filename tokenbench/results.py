@@ -142,8 +142,8 @@ def provenance(*, device: torch.device, dtype: str, attn: str, seed: int, option
 class SampleStore:
     """Append-only JSONL of finished records, keyed by ``record["key"]``.
 
-    Every line is flushed and fsync'ed as it is written, so a kill loses at most the record in
-    flight. On opening, a torn last line (killed mid-write) is cut off with a warning on stderr and
+    Each written batch (:meth:`extend`: the records of one generated batch) is flushed and
+    fsync'ed once, so a kill loses at most the batch in flight. On opening, a torn last line (killed mid-write) is cut off with a warning on stderr and
     its sample is recomputed; malformed lines elsewhere are skipped the same way. Records marked
     ``retry`` (a sample that failed for out of memory or an accelerator fault) are not loaded, so
     those samples are computed again.
@@ -202,10 +202,18 @@ class SampleStore:
         return self.records.get(key)
 
     def append(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self.extend([record])
+
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        """Write ``records`` (one batch) and make them durable with one fsync."""
+        records = list(records)
+        if not records:
+            return
+        self._handle.write("".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
         self._handle.flush()
         os.fsync(self._handle.fileno())
-        self.records[record["key"]] = record
+        for record in records:
+            self.records[record["key"]] = record
 
     def close(self) -> None:
         self._handle.close()
