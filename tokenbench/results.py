@@ -28,7 +28,11 @@ Public, stable fields of a run record (``SCHEMA_VERSION`` changes when one of th
 - ``latency_ms``: medians of batch-1 runs (``vision``, ``prefill``, ``ttft``, ``decode_per_token``,
   ``end_to_end``), their spread (``ttft_iqr``, ``end_to_end_iqr``: first and third quartile) and the
   number of timed runs ``repeats``; ``timing_conditions`` (device type, CPUs, threads, the 1-minute
-  load average while timing); ``peak_memory_bytes`` (with ``peak_memory_kind``);
+  load average while timing, ``interleaved_arms``); ``peak_memory_bytes`` (with ``peak_memory_kind``);
+- ``speedup``: ``ttft`` and ``end_to_end``, medians of the paired ratios baseline time ÷ arm time
+  over runs of the same sample and round of the interleaved efficiency pass, with ``ttft_range`` /
+  ``end_to_end_range`` and ``pairs`` (null for the baseline; see :mod:`tokenbench.speedup`);
+  ``timed_runs``: every timed run in ms with its ``sample`` and ``repeat``;
 - ``flash_attention``: ``class`` measured under the forced flash SDPA kernel (native / probe / eager
   / fails) with ``declared``, ``probe_rows``, ``probe_ms``, and ``flash_attention_2`` where run;
 - ``n_samples``, ``n_errors`` (with ``errors`` by kind, and ``first_error``: the first failing
