@@ -211,3 +211,18 @@ def test_threads_must_be_positive(tiny_llava_dir, tmp_path):
     result = CliRunner().invoke(cli, ["run", "--model", str(tiny_llava_dir), "--threads", "0",
                                       "--output", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--threads" in result.output
+
+
+def test_a_method_run_one_sample_at_a_time_is_still_written_once_per_batch(tiny_llava_dir, tmp_path, monkeypatch):
+    """``random`` is not batched (its draws must not depend on batch position), yet its chunk of
+    ``--batch-size`` samples is stored with one fsync; a rerun finds all of them."""
+    spy = _Spy(monkeypatch)
+    scored, output = tmp_path / "scored.log", tmp_path / "out"
+    args = ["--plugins-dir", str(PLUGINS), "run", "--model", str(tiny_llava_dir), "--tasks", "tiny", "--methods",
+            "random", "--budgets", "64", "--batch-size", "4", "--no-efficiency", "--output", str(output)]
+    env = {"TINY_SAMPLES": "8", "TINY_SCORE_LOG": str(scored)}
+    assert CliRunner().invoke(cli, args, env=env, catch_exceptions=False).exit_code == 0
+    assert len(_lines(scored)) == 16 and spy.fsyncs == 2 * 2 + 1  # 2 arms × 2 chunks, the flash probes
+    spy.reset()
+    assert CliRunner().invoke(cli, args, env=env, catch_exceptions=False).exit_code == 0
+    assert _lines(scored) == [] and spy.fsyncs == 0

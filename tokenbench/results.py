@@ -146,8 +146,8 @@ def provenance(*, device: torch.device, dtype: str, attn: str, seed: int, option
 class SampleStore:
     """Append-only JSONL of finished records, keyed by ``record["key"]``.
 
-    Each written batch (:meth:`extend`: the records of one generated batch) is flushed and
-    fsync'ed once, so a kill loses at most the batch in flight. On opening, a torn last line (killed mid-write) is cut off with a warning on stderr and
+    Each written batch (:meth:`extend`: an arm's chunk of at most ``--batch-size`` samples) is
+    flushed and fsync'ed once, so a kill loses at most the batch in flight. On opening, a torn last line (killed mid-write) is cut off with a warning on stderr and
     its sample is recomputed; malformed lines elsewhere are skipped the same way. Records marked
     ``retry`` (a sample that failed for out of memory or an accelerator fault) are not loaded, so
     those samples are computed again.

@@ -2,9 +2,10 @@
 
 Per task it runs, in order,
 
-1. the **accuracy pass** of every arm, chunk by chunk (batched where the adapter allows the method;
-   every generated batch is appended to ``samples.jsonl`` with one fsync, keyed by what determines
-   its output, so a rerun resumes and a kill loses at most the batch in flight);
+1. the **accuracy pass** of every arm, chunk by chunk (``--batch-size`` samples, generated as one
+   batch where the adapter allows the method, else one by one); each arm's finished chunk is
+   appended to ``samples.jsonl`` with one fsync, keyed by what determines its output, so a rerun
+   resumes and a kill loses at most the batch in flight;
 2. a **FlashAttention probe** per arm (one sample under the forced flash SDPA kernel) and, unless
    disabled, one **efficiency pass** over all live arms *interleaved* (baseline, A, B, baseline, A,
    B, ...: batch 1, one warm-up each, ``EFFICIENCY_REPEATS`` rounds over the same
@@ -296,8 +297,10 @@ class Harness:
                 for arm, compressor in live:
                     todo = [(samples[i], keys[arm.label][i]) for i in chunk if keys[arm.label][i] not in self.store]
                     size = len(todo) if self.adapter.batchable(compressor) else 1
+                    records: list[dict[str, Any]] = []
                     for batch in _chunks(todo, size or 1):
-                        self.store.extend(self._run_batch(task, arm, compressor, batch, prompts))
+                        records += self._run_batch(task, arm, compressor, batch, prompts)
+                    self.store.extend(records)  # one fsync per arm and chunk
                     bar.update(len(todo))
                 self._kept |= {i: p for i, p in prompts.items() if i in kept}
         return {label: [self.store.get(k) for k in ks] for label, ks in keys.items()}  # type: ignore[misc]
