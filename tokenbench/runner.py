@@ -514,8 +514,12 @@ class Harness:
                 out[arm.label] = {"error": failed[arm.label], "timing_conditions": conditions}
                 continue
             memory = PeakMemory(self.device)  # apart from the timings: the CPU profiler slows the run
-            with memory.measure():
-                self._generate(prompts[:1], compressor, arm, task)
+            try:
+                with memory.measure():
+                    self._generate(prompts[:1], compressor, arm, task)
+            except Exception as exc:  # noqa: BLE001 -- recorded; the accuracy results stand
+                out[arm.label] = {"error": _describe(exc), "timing_conditions": conditions}
+                continue
             first = traces[arm.label][:len(prompts)]
             arm_runs = runs[arm.label]
             out[arm.label] = {
