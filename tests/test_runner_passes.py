@@ -118,6 +118,7 @@ class _Spy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.timed: list[str] = []
         self.fsyncs = 0
+        self.fail_at: tuple[str, int] | None = None  # (arm label, timed call): raise there
         self._timing = False
         spy = self
         generate = tokenbench.runner.Harness._generate
@@ -135,6 +136,8 @@ class _Spy:
         def logging_generate(harness, prompts, compressor, arm, task):
             if spy._timing:
                 spy.timed.append(arm.label)
+                if spy.fail_at == (arm.label, spy.timed.count(arm.label)):
+                    raise RuntimeError("timing broke")
             return generate(harness, prompts, compressor, arm, task)
 
         real_fsync = tokenbench.results.os.fsync
@@ -226,3 +229,16 @@ def test_a_method_run_one_sample_at_a_time_is_still_written_once_per_batch(tiny_
     spy.reset()
     assert CliRunner().invoke(cli, args, env=env, catch_exceptions=False).exit_code == 0
     assert _lines(scored) == [] and spy.fsyncs == 0
+
+
+def test_an_arm_failing_while_timed_drops_out_and_the_others_are_timed(tiny_llava_dir, tmp_path, monkeypatch,
+                                                                       restore_threads):
+    spy = _Spy(monkeypatch)
+    spy.fail_at = ("oomy@32", 3)  # the warm-up and one timed run went through
+    baseline, first64, broken = _run(tiny_llava_dir, tmp_path / "out", "64,32", {"TINY_SAMPLES": "4"})
+    assert spy.timed.count("oomy@32") == 3 and spy.timed.count("none") == spy.timed.count("oomy@64") == 10
+    assert broken["latency_ms"] is None and broken["speedup"] is None and broken["score"] is not None
+    assert first64["speedup"]["pairs"] == 9 and len(baseline["timed_runs"]) == 9
+    stored = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [r["error"] for r in stored if r["kind"] == "efficiency" and r["budget"] == "32"] == [
+        "RuntimeError: timing broke"]
