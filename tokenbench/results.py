@@ -74,7 +74,7 @@ from tokenbench.config import ConfigError
 SCHEMA_VERSION = 1
 OVER_BUDGET_TOLERANCE = 0.02  # realised tokens beyond budget × 1.02 are over budget
 PUBLIC_FIELDS = ("schema_version", "model", "task", "method", "budget", "score", "metrics", "relative",
-                 "realised_tokens", "realised_ratio", "flops", "latency_ms", "peak_memory_bytes",
+                 "realised_tokens", "realised_ratio", "flops", "latency_ms", "speedup", "peak_memory_bytes",
                  "flash_attention", "n_samples", "n_errors", "provenance")
 
 
