@@ -60,6 +60,10 @@ class Task:
     - ``bootstrap_unit``: ``meta`` keys whose values together identify the samples ``aggregate``
       scores jointly (MME's question pair per image, MMBench's circular group); the bootstrap CI
       resamples those units whole. Empty: every sample is its own unit.
+    - ``per_sample_score``: the key of :meth:`score`'s result whose mean, in percent
+      (``100 * sum / count``), is the primary metric (accuracy, VQA accuracy); the bootstrap then
+      resamples those scores vectorised. None (the default, and for F1, MME's acc+, CircularEval):
+      the bootstrap calls :meth:`aggregate` on every replicate.
     """
 
     name: ClassVar[str] = ""
@@ -69,6 +73,7 @@ class Task:
     source: ClassVar[str] = ""
     description: ClassVar[str] = ""
     bootstrap_unit: ClassVar[tuple[str, ...]] = ()
+    per_sample_score: ClassVar[str | None] = None
     #: ``official`` (each benchmark's own rule) or ``lenient`` (tokenbench's wider answer parsing,
     #: where a task has one); the harness sets it from ``--scoring``.
     scoring: str = "official"

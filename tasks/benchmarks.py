@@ -196,6 +196,8 @@ class GQA(HubTask):
     def make_sample(self, sample_id: str, row: dict[str, Any], image: Callable[[], Image.Image]) -> Sample:
         return Sample(sample_id, f"{row['question'].strip()}\n{SHORT_ANSWER}", image, row["answer"])
 
+    per_sample_score = "correct"
+
     def score(self, sample: Sample, prediction: str) -> dict[str, Any]:
         return {"correct": float(gqa_match(prediction, sample.target))}
 
@@ -213,6 +215,7 @@ class _VQATask(HubTask):
 
     max_new_tokens = 16
     required = ("question", "answers")
+    per_sample_score = "accuracy"
 
     def prompt(self, row: dict[str, Any]) -> str:
         return f"{row['question'].strip()}\n{SHORT_ANSWER}"
@@ -288,6 +291,7 @@ class _ChoiceTask(HubTask):
     """Multiple-choice questions answered with an option letter; ``meta["options"]`` holds them."""
 
     max_new_tokens = 16
+    per_sample_score = "correct"
 
     #: The benchmark's official reading of an answer: (prediction, options) -> letter or None.
     official_reader: ClassVar[Callable[[str, Mapping[str, str]], str | None]]
@@ -343,6 +347,7 @@ class MMBench(_ChoiceTask):
     circular_stride: ClassVar[int] = 1_000_000
     official_reader = staticmethod(read_mmbench)
     bootstrap_unit = ("circular_group",)  # CircularEval scores a group's rotations together
+    per_sample_score = None  # a group counts only if all its rotations are right
     description = ("MMBench English dev; accuracy by CircularEval: a question counts only if all its "
                    "option-rotated copies (rows sharing index mod 1e6) are right; "
                    "single_pass_accuracy counts rows")

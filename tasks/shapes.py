@@ -344,6 +344,7 @@ class ShapesTask(Task):
 
     name = "shapes"
     primary_metric = "accuracy"
+    per_sample_score = "correct"
     metric_scale = 100.0
     max_new_tokens = 3
     source = "generated"

@@ -237,3 +237,13 @@ def test_colliding_records_that_cannot_be_told_apart_fail_naming_both_files(tmp_
     assert failed.exit_code == 2
     assert str(first / path.name) in failed.stderr and str(path) in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_tables_show_the_paired_speed_up_with_its_range():
+    """Issue 22: the speed-up over the baseline as a paired ratio, beside the milliseconds."""
+    records = golden_records()
+    _shapes(records, "apet", "192")["speedup"] = {"ttft": 1.5, "ttft_range": [1.25, 1.75], "pairs": 9,
+                                                  "end_to_end": 1.4, "end_to_end_range": [1.2, 1.6]}
+    rows = _table_rows(render_markdown(records), "### tiny-llava-shapes · budget 192")
+    column = rows[0].index("TTFT speed-up ↑ [range]")
+    assert [row[column] for row in rows[2:]] == ["—", "1.50× [1.25–1.75]", "n/c"]  # fastv: other hardware

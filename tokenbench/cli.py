@@ -182,6 +182,9 @@ def models(ctx: click.Context) -> None:
               show_default=True, help="Attention implementation the model loads with.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads torch uses (torch.set_num_threads); default: torch's own. Recorded with "
+                   "the timings.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Local copy of benchmark data.")
 @click.option("--efficiency/--no-efficiency", default=True, show_default=True,
@@ -210,7 +213,7 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         limit: int | None, seed: int, output: str, option_assignments: tuple[str, ...], dtype: str,
         attn: str, device: str, batch_size: int, data_dir: str | None, efficiency: bool,
         accuracy: bool, model_config: str | None, as_json: bool, scoring: str, protocol: str | None,
-        device_map: str | None, max_memory: str | None) -> None:
+        device_map: str | None, max_memory: str | None, threads: int | None) -> None:
     """Run methods x budgets x tasks on a model (plus the uncompressed baseline)."""
     registry = _registry(ctx)
     method_names = parse_method_list(methods_text, registry)
@@ -249,7 +252,7 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         methods=[MethodSpec(n, options[n]) for n in method_names], budgets=budget_list, tasks=task_names,
         limit=limit, seed=seed, output=Path(output), dtype=dtype, attn=attn, device=device,
         batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None, efficiency=efficiency,
-        scoring=scoring, protocol=protocol, device_map=device_map, max_memory=memory)
+        scoring=scoring, protocol=protocol, device_map=device_map, max_memory=memory, threads=threads)
     try:
         from tokenbench.runner import resolve_protocol
         from tokenbench.runner import run as run_benchmark

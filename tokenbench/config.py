@@ -53,6 +53,7 @@ class RunConfig:
     protocol: str | None = None  # "llava" / "hf"; None: the model's default (runner.resolve_protocol)
     device_map: str | None = None  # --device-map: spread the model over devices (adapters.placement)
     max_memory: dict[int | str, str] | None = None  # --max-memory, with --device-map
+    threads: int | None = None  # torch.set_num_threads before the run; None: torch's default
 
 
 def parse_method_list(text: str, registry: Registry) -> list[str]:

@@ -93,6 +93,20 @@ def _latency(runs: Sequence[dict[str, Any]], name: str, with_count: bool) -> str
     return text
 
 
+def _speedup(runs: Sequence[dict[str, Any]]) -> str:
+    """The TTFT speed-up over the baseline, a paired ratio (mean of medians over tasks), with the
+    smallest and largest paired ratio when there is one run."""
+    speedups = [r.get("speedup") or {} for r in runs]
+    value = _mean(s.get("ttft") for s in speedups)
+    if value is None:
+        return "—"
+    text = f"{value:.2f}×"
+    if len(runs) == 1 and speedups[0].get("ttft_range"):
+        low, high = speedups[0]["ttft_range"]
+        text += f" [{low:.2f}–{high:.2f}]"
+    return text
+
+
 def _hardware(record: dict[str, Any]) -> str | None:
     return (record.get("provenance") or {}).get("hardware")
 
@@ -148,7 +162,7 @@ def _row(method: str, runs: Sequence[dict[str, Any]], tasks: Sequence[str], hard
     infeasible = [r["infeasible"] for r in runs if r.get("infeasible")]
     stages = ", ".join(first.get("stages") or []) or "—"
     if infeasible:
-        return [method, stages, "—", "infeasible ¹", "—", *["—"] * len(tasks), "—", "—", "—", "—", "—"]
+        return [method, stages, "—", "infeasible ¹", "—", *["—"] * len(tasks), "—", "—", "—", "—", "—", "—"]
     relative = _mean(r.get("relative") for r in runs)
     rel_text = _fmt(relative)
     if len(runs) == 1 and first.get("relative_ci") and first["method"] != BASELINE:
@@ -174,13 +188,14 @@ def _row(method: str, runs: Sequence[dict[str, Any]], tasks: Sequence[str], hard
     if same_hw:
         ttft = _latency(runs, "ttft", with_count=False)
         e2e = _latency(runs, "end_to_end", with_count=True)
+        speedup = _speedup(runs)
     else:
-        ttft = e2e = "n/c"
+        ttft = e2e = speedup = "n/c"
         footnotes.add("hw")
     memory = _mean(r.get("peak_memory_bytes") for r in runs)
     flash = "; ".join(sorted({_flash(r) for r in runs}))
-    return [method, stages, token_text, rel_text, _fmt(100 * agree if agree is not None else None), *scores, _sig(tflops, 4), ttft, e2e,
-            _fmt(memory / 2**20 if memory is not None else None), flash]
+    return [method, stages, token_text, rel_text, _fmt(100 * agree if agree is not None else None), *scores, _sig(tflops, 4), ttft, speedup,
+            e2e, _fmt(memory / 2**20 if memory is not None else None), flash]
 
 
 def _table(model: str, budget: str | None, runs: list[dict[str, Any]], baseline: list[dict[str, Any]],
@@ -196,7 +211,8 @@ def _table(model: str, budget: str | None, runs: list[dict[str, Any]], baseline:
     rows += [_row(m, sorted(by_method[m], key=lambda r: r["task"]), tasks, hardware, footnotes, scale)
              for m in order]
     headers = ["method", "stage(s)", "tokens ↓", "relative % ↑ [95% CI]", "agree % ↑",
-               *[f"{t} ↑" for t in tasks], f"{unit} prefill ↓", "TTFT ms ↓ [IQR]", "end-to-end ms ↓ [IQR] n",
+               *[f"{t} ↑" for t in tasks], f"{unit} prefill ↓", "TTFT ms ↓ [IQR]",
+               "TTFT speed-up ↑ [range]", "end-to-end ms ↓ [IQR] n",
                "peak MiB ↓", "FlashAttention"]
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
     notes = [f"¹ {m} at budget {budget}: {r['infeasible']}" for m in sorted(by_method)

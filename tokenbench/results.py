@@ -28,7 +28,11 @@ Public, stable fields of a run record (``SCHEMA_VERSION`` changes when one of th
 - ``latency_ms``: medians of batch-1 runs (``vision``, ``prefill``, ``ttft``, ``decode_per_token``,
   ``end_to_end``), their spread (``ttft_iqr``, ``end_to_end_iqr``: first and third quartile) and the
   number of timed runs ``repeats``; ``timing_conditions`` (device type, CPUs, threads, the 1-minute
-  load average while timing); ``peak_memory_bytes`` (with ``peak_memory_kind``);
+  load average while timing, ``interleaved_arms``); ``peak_memory_bytes`` (with ``peak_memory_kind``);
+- ``speedup``: ``ttft`` and ``end_to_end``, medians of the paired ratios baseline time ÷ arm time
+  over runs of the same sample and round of the interleaved efficiency pass, with ``ttft_range`` /
+  ``end_to_end_range`` and ``pairs`` (null for the baseline; see :mod:`tokenbench.speedup`);
+  ``timed_runs``: every timed run in ms with its ``sample`` and ``repeat``;
 - ``flash_attention``: ``class`` measured under the forced flash SDPA kernel (native / probe / eager
   / fails) with ``declared``, ``probe_rows``, ``probe_ms``, and ``flash_attention_2`` where run;
 - ``n_samples``, ``n_errors`` (with ``errors`` by kind, and ``first_error``: the first failing
@@ -70,7 +74,7 @@ from tokenbench.config import ConfigError
 SCHEMA_VERSION = 1
 OVER_BUDGET_TOLERANCE = 0.02  # realised tokens beyond budget × 1.02 are over budget
 PUBLIC_FIELDS = ("schema_version", "model", "task", "method", "budget", "score", "metrics", "relative",
-                 "realised_tokens", "realised_ratio", "flops", "latency_ms", "peak_memory_bytes",
+                 "realised_tokens", "realised_ratio", "flops", "latency_ms", "speedup", "peak_memory_bytes",
                  "flash_attention", "n_samples", "n_errors", "provenance")
 
 
@@ -142,8 +146,8 @@ def provenance(*, device: torch.device, dtype: str, attn: str, seed: int, option
 class SampleStore:
     """Append-only JSONL of finished records, keyed by ``record["key"]``.
 
-    Every line is flushed and fsync'ed as it is written, so a kill loses at most the record in
-    flight. On opening, a torn last line (killed mid-write) is cut off with a warning on stderr and
+    Each written batch (:meth:`extend`: an arm's chunk of at most ``--batch-size`` samples) is
+    flushed and fsync'ed once, so a kill loses at most the batch in flight. On opening, a torn last line (killed mid-write) is cut off with a warning on stderr and
     its sample is recomputed; malformed lines elsewhere are skipped the same way. Records marked
     ``retry`` (a sample that failed for out of memory or an accelerator fault) are not loaded, so
     those samples are computed again.
@@ -202,10 +206,18 @@ class SampleStore:
         return self.records.get(key)
 
     def append(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self.extend([record])
+
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        """Write ``records`` (one batch) and make them durable with one fsync."""
+        records = list(records)
+        if not records:
+            return
+        self._handle.write("".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
         self._handle.flush()
         os.fsync(self._handle.fileno())
-        self.records[record["key"]] = record
+        for record in records:
+            self.records[record["key"]] = record
 
     def close(self) -> None:
         self._handle.close()

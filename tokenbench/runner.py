@@ -1,11 +1,20 @@
 """The harness: every task × (uncompressed baseline + method × budget) on one model.
 
-For each arm it runs an **accuracy pass** (batched where the adapter allows the method; every
-finished sample is appended to ``samples.jsonl`` at once, keyed by what determines its output, so a
-rerun resumes and a kill loses at most the batch in flight), then a **FlashAttention probe** (one
-sample under the forced flash SDPA kernel) and, unless disabled, an **efficiency pass** (batch 1,
-one warm-up, ``EFFICIENCY_REPEATS`` timed runs over ``EFFICIENCY_SAMPLES`` samples). Finally it
-writes one run JSON per (model, task, method, budget, settings) with statistics against the baseline.
+Per task it runs, in order,
+
+1. the **accuracy pass** of every arm, chunk by chunk (``--batch-size`` samples, generated as one
+   batch where the adapter allows the method, else one by one); each arm's finished chunk is
+   appended to ``samples.jsonl`` with one fsync, keyed by what determines its output, so a rerun
+   resumes and a kill loses at most the batch in flight;
+2. a **FlashAttention probe** per arm (one sample under the forced flash SDPA kernel) and, unless
+   disabled, one **efficiency pass** over all live arms *interleaved* (baseline, A, B, baseline, A,
+   B, ...: batch 1, one warm-up each, ``EFFICIENCY_REPEATS`` rounds over the same
+   ``EFFICIENCY_SAMPLES`` samples), so machine load hits every arm alike and each arm's speed-up is
+   a paired ratio against the baseline's run of the same round (:mod:`tokenbench.speedup`);
+3. one run JSON per (model, task, method, budget, settings) with statistics against the baseline.
+
+Each task image is decoded (or, for ``shapes``, rendered) once per chunk for all arms; those of the
+first ``KEPT_PROMPTS`` samples, the ones the efficiency pass draws from, are kept for it.
 
 Faults stay local: a sample whose image fails to decode, whose prompt exceeds the model's context,
 or on which the method raises gets a record with the error (and, for an exception, the file and line
@@ -59,11 +68,13 @@ from tokenbench.results import (
     write_run_record,
 )
 from tokenbench.signal_guard import guard_signals
+from tokenbench.speedup import paired_speedup
 from tokenbench.stats import compare
 from tokenbench.tasks.base import Sample, Task, TaskDataError
 
 EFFICIENCY_SAMPLES = 3
 EFFICIENCY_REPEATS = 3
+KEPT_PROMPTS = 2 * EFFICIENCY_SAMPLES  # decoded images kept from the accuracy pass for the efficiency pass
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -135,6 +146,7 @@ def resolve_protocol(config: RunConfig, adapter_cls: type[VLMAdapter]) -> str:
 def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
         random_weights: bool = False) -> list[dict[str, Any]]:
     """Run everything ``config`` asks for; return the public run records (also written as JSON).
+    ``config.threads`` (``--threads``) sets torch's CPU thread count first.
 
     ``accuracy=False`` skips the accuracy pass (scores are null; FLOPs and tokens come from the
     efficiency samples); ``random_weights`` builds ``config.model`` (an HF config.json) with random
@@ -153,6 +165,8 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
     config = dataclasses.replace(config, device=processes.device(config.device),
                                  max_memory=config.max_memory or (processes.gpu_share() if config.device_map
                                                                   else None))
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     tasks = {name: load_task(name, config, registry) for name in config.tasks}
     try:
         adapter = load_adapter(config, registry, random_weights)
@@ -216,6 +230,7 @@ class Harness:
         text_config = adapter.model.config.get_text_config() if hasattr(adapter.model, "config") else None
         self.max_context: int | None = getattr(text_config, "max_position_embeddings", None)
         self.arch = adapter.info().arch
+        self._kept: dict[str, Prompt | str] = {}  # decoded prompts the efficiency pass reuses (per task)
 
     # ------------------------------------------------------------------------------------- keys
     def _key(self, kind: str, task: Task, arm: Arm, sample_id: str | None = None) -> str:
@@ -258,21 +273,21 @@ class Harness:
                 tqdm.write(f"tokenbench: {arm.label}: infeasible: {reason}", file=sys.stderr)
             else:
                 live.append((arm, compressor))
+        self._kept = {}
         if shard:
             if self.accuracy:
                 self.accuracy_pass(task, samples, live, self.processes)
             return []
         per_arm = self.accuracy_pass(task, samples, live) if self.accuracy else {a.label: [] for a, _ in live}
+        efficiency = self.efficiency_pass(task, samples, per_arm, live)
+        self._kept = {}
         baseline = per_arm.get(arms(self.config)[0].label, [])
         out = []
-        for arm in tqdm(arms(self.config), desc=f"{task.name} efficiency", unit="arm", file=sys.stderr,
-                        leave=False, dynamic_ncols=True):
+        for arm in arms(self.config):
             if arm.label in infeasible:
                 record = self._infeasible_record(task, arm, infeasible[arm.label])
             else:
-                compressor = self._compressor(arm)
-                efficiency = self.efficiency_pass(task, samples, per_arm[arm.label], arm, compressor)
-                record = self._run_record(task, arm, per_arm[arm.label], baseline, efficiency)
+                record = self._run_record(task, arm, per_arm[arm.label], baseline, efficiency[arm.label])
             write_run_record(self.config.output, record)
             out.append(record)
         return out
@@ -309,6 +324,7 @@ class Harness:
         if done:
             tqdm.write(f"tokenbench: {task.name}: {done} of {len(mine) * len(live)} samples already done in "
                        f"{self.store.path.parent}; skipped", file=sys.stderr)
+        kept = {s.id for s in samples[:KEPT_PROMPTS]}
         with tqdm(total=len(mine) * len(live), initial=done, desc=f"{task.name} accuracy", unit="sample",
                   file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
             for chunk in chunks:
@@ -316,15 +332,21 @@ class Harness:
                 for arm, compressor in live:
                     todo = [(samples[i], keys[arm.label][i]) for i in chunk if keys[arm.label][i] not in self.store]
                     size = len(todo) if self.adapter.batchable(compressor) else 1
+                    records: list[dict[str, Any]] = []
                     for batch in _chunks(todo, size or 1):
-                        for record in self._run_batch(task, arm, compressor, batch, prompts):
-                            self.store.append(record)
+                        records += self._run_batch(task, arm, compressor, batch, prompts)
+                    self.store.extend(records)  # one fsync per arm and chunk
                     bar.update(len(todo))
+                self._kept |= {i: p for i, p in prompts.items() if i in kept}
         return {label: [self.store.get(k) for k in ks] for label, ks in keys.items()}  # type: ignore[misc]
 
     def _prompt(self, sample: Sample, cache: dict[str, Prompt | str]) -> Prompt | str:
-        """The sample's prompt with its decoded image, or the decoding error (once per chunk)."""
+        """The sample's prompt with its decoded image, or the decoding error (once per chunk, and
+        once per run for the kept samples)."""
         if sample.id not in cache:
+            if sample.id in self._kept:
+                cache[sample.id] = self._kept[sample.id]
+                return cache[sample.id]
             try:
                 cache[sample.id] = Prompt(sample.load_image(), sample.prompt, key=sample.id)
             except Exception as exc:  # noqa: BLE001 -- a broken image fails its sample only
@@ -397,30 +419,61 @@ class Harness:
             "timings_ms": generation.timings_ms}
 
     # --------------------------------------------------------------------------- efficiency pass
-    def efficiency_pass(self, task: Task, samples: Sequence[Sample], records: Sequence[dict[str, Any]],
-                        arm: Arm, compressor: TokenCompressor | None) -> dict[str, Any]:
-        """FlashAttention probe (always) and, with --efficiency, batch-1 timings and peak memory
-        over the first few samples that succeeded in the accuracy pass (stored, so resumable)."""
-        key = self._key("efficiency" if self.config.efficiency else "flash", task, arm)
-        timed = self._key("efficiency", task, arm)  # a timed pass also serves a --no-efficiency run
-        for found in (key, timed):
-            if found in self.store:
-                return self.store.get(found)  # type: ignore[return-value]
-        ok = [s for s, r in zip(samples, records) if not r.get("error")] if self.accuracy else list(samples)
-        ok = ok[:EFFICIENCY_SAMPLES]
-        result: dict[str, Any] = {"key": key, "kind": "efficiency", "task": task.name,
-                                  "method": arm.spec.name, "budget": arm.budget.label if arm.budget else None,
-                                  "flash_attention": None, "latency_ms": None, "peak_memory_bytes": None}
-        if ok:
-            prompts = [Prompt(s.load_image(), s.prompt, key=s.id) for s in ok]
-            result["flash_attention"] = self._flash_attention(prompts[0], compressor, arm, task)
-            if self.config.efficiency:
-                try:
-                    result |= self._time(prompts, compressor, arm, task)
-                except Exception as exc:  # noqa: BLE001 -- recorded; the accuracy results stand
-                    result["error"] = _describe(exc)
-        self.store.append(result)
-        return result
+    def efficiency_pass(self, task: Task, samples: Sequence[Sample], per_arm: dict[str, list[dict[str, Any]]],
+                        live: Sequence[tuple[Arm, TokenCompressor | None]]) -> dict[str, dict[str, Any]]:
+        """The FlashAttention probe of every live arm and, with --efficiency, the arms timed
+        together, interleaved; results by arm label.
+
+        Results are stored (one batch), so a rerun does not time an arm again. Arms added later are
+        timed with the baseline, whose stored result is then replaced by this pass's, so every
+        speed-up pairs runs of one pass. A pass interrupted by a kill stores nothing: the rerun times
+        all its arms again, together."""
+        results: dict[str, dict[str, Any]] = {}
+        todo: list[tuple[Arm, TokenCompressor | None]] = []
+        for arm, compressor in live:
+            keys = (self._key("efficiency" if self.config.efficiency else "flash", task, arm),
+                    self._key("efficiency", task, arm))  # a timed pass also serves a --no-efficiency run
+            stored = next((self.store.get(k) for k in keys if k in self.store), None)
+            if stored is not None:
+                results[arm.label] = stored
+            else:
+                todo.append((arm, compressor))
+        if not todo:
+            return results
+        if self.config.efficiency and todo[0][0].budget is not None:  # the baseline (first) as reference
+            todo.insert(0, live[0])
+        fresh: dict[str, dict[str, Any]] = {}
+        for arm, compressor in tqdm(todo, desc=f"{task.name} flash probe", unit="arm", file=sys.stderr,
+                                    leave=False, dynamic_ncols=True):
+            fresh[arm.label] = {"key": self._key("efficiency" if self.config.efficiency else "flash", task, arm),
+                                "kind": "efficiency", "task": task.name, "method": arm.spec.name,
+                                "budget": arm.budget.label if arm.budget else None, "flash_attention": None,
+                                "latency_ms": None, "peak_memory_bytes": None}
+            first = self._usable(samples, per_arm, [arm.label], 1)
+            if first:
+                fresh[arm.label]["flash_attention"] = self._flash_attention(first[0], compressor, arm, task)
+        if self.config.efficiency:
+            shared = self._usable(samples, per_arm, [arm.label for arm, _ in todo], EFFICIENCY_SAMPLES)
+            if shared:
+                for label, timing in self._time(shared, todo, task).items():
+                    fresh[label] |= timing
+        self.store.extend(fresh.values())
+        return results | fresh
+
+    def _usable(self, samples: Sequence[Sample], per_arm: dict[str, list[dict[str, Any]]],
+                labels: Sequence[str], count: int) -> list[Prompt]:
+        """The prompts of the first ``count`` samples that succeeded in the accuracy pass of every
+        arm in ``labels`` (without an accuracy pass: whose image decodes)."""
+        out: list[Prompt] = []
+        for index, sample in enumerate(samples):
+            if len(out) == count:
+                break
+            if self.accuracy and any(per_arm[label][index].get("error") for label in labels):
+                continue
+            prompt = self._prompt(sample, self._kept)
+            if not isinstance(prompt, str):
+                out.append(prompt)
+        return out
 
     def _flash_attention(self, prompt: Prompt, compressor: TokenCompressor | None, arm: Arm,
                          task: Task) -> dict[str, Any]:
@@ -450,37 +503,71 @@ class Harness:
         return {"class": classify_flash_attention(generation.trace),
                 "probe_rows": generation.trace.probe_rows}
 
-    def _time(self, prompts: Sequence[Prompt], compressor: TokenCompressor | None, arm: Arm,
-              task: Task) -> dict[str, Any]:
-        self._generate(prompts[:1], compressor, arm, task)  # warm-up
-        load_before = _load_average()
-        runs: list[dict[str, float]] = []
-        generated: list[int] = []
-        traces: list[TokenTrace] = []
-        for _ in range(EFFICIENCY_REPEATS):
-            for prompt in prompts:
-                timer = Timer(self.device)
+    def _time(self, prompts: Sequence[Prompt], timed: Sequence[tuple[Arm, TokenCompressor | None]],
+              task: Task) -> dict[str, dict[str, Any]]:
+        """Batch-1 timings of every arm in ``timed`` (the baseline first), interleaved run by run:
+        a warm-up each, then ``EFFICIENCY_REPEATS`` rounds over ``prompts``, every arm in turn on each
+        prompt. An arm that raises is left out from then on, with its error."""
+        failed: dict[str, str] = {}
+        runs: dict[str, list[dict[str, float]]] = {arm.label: [] for arm, _ in timed}
+        traces: dict[str, list[TokenTrace]] = {arm.label: [] for arm, _ in timed}
+
+        def attempt(arm: Arm, compressor: TokenCompressor | None, prompt: Prompt) -> tuple[Generation, float] | None:
+            if arm.label in failed:
+                return None
+            timer = Timer(self.device)
+            try:
                 with timer.measure():
                     generation = self._generate([prompt], compressor, arm, task)[0]
-                runs.append(dict(generation.timings_ms) | {"end_to_end": timer.elapsed_ms})
-                generated.append(generation.trace.generated_tokens)
-                traces.append(generation.trace)
+            except Exception as exc:  # noqa: BLE001 -- recorded; the accuracy results stand
+                failed[arm.label] = _describe(exc)
+                return None
+            return generation, timer.elapsed_ms
+
+        for arm, compressor in timed:
+            attempt(arm, compressor, prompts[0])  # warm-up
+        load_before = _load_average()
+        with tqdm(total=EFFICIENCY_REPEATS * len(prompts) * len(timed), desc=f"{task.name} efficiency",
+                  unit="run", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+            for repeat in range(EFFICIENCY_REPEATS):
+                for index, prompt in enumerate(prompts):
+                    for arm, compressor in timed:
+                        if (done := attempt(arm, compressor, prompt)) is not None:
+                            generation, elapsed = done
+                            runs[arm.label].append(dict(generation.timings_ms) | {
+                                "end_to_end": elapsed, "sample": index, "repeat": repeat,
+                                "generated_tokens": generation.trace.generated_tokens})
+                            traces[arm.label].append(generation.trace)
+                        bar.update()
         load = [v for v in (load_before, _load_average()) if v is not None]
-        memory = PeakMemory(self.device)  # apart from the timings: the CPU profiler slows the run
-        with memory.measure():
-            self._generate(prompts[:1], compressor, arm, task)
-        flops = [flops_from_trace(self.arch, t) for t in traces[:len(prompts)]]
-        realised = [t.realised_tokens for t in traces[:len(prompts)]]
         conditions = {"device_type": self.device.type, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                      "load_average": max(load) if load else None}
-        return {"latency_ms": summarise_latency(runs, generated), "timing_conditions": conditions,
-                "flops": mean_flops(flops),
-                "realised_tokens": sum(realised) / len(realised),
-                "n_visual": sum(t.n_visual for t in traces[:len(prompts)]) / len(prompts),
-                "kv_cache_bytes": sum(kv_cache_bytes(self.arch, t, self.dtype) for t in traces[:len(prompts)])
-                / len(prompts),
+                      "load_average": max(load) if load else None, "interleaved_arms": len(timed)}
+        reference = runs[timed[0][0].label] if timed[0][0].label not in failed else []
+        out: dict[str, dict[str, Any]] = {}
+        for arm, compressor in timed:
+            if arm.label in failed:
+                out[arm.label] = {"error": failed[arm.label], "timing_conditions": conditions}
+                continue
+            memory = PeakMemory(self.device)  # apart from the timings: the CPU profiler slows the run
+            try:
+                with memory.measure():
+                    self._generate(prompts[:1], compressor, arm, task)
+            except Exception as exc:  # noqa: BLE001 -- recorded; the accuracy results stand
+                out[arm.label] = {"error": _describe(exc), "timing_conditions": conditions}
+                continue
+            first = traces[arm.label][:len(prompts)]
+            arm_runs = runs[arm.label]
+            out[arm.label] = {
+                "latency_ms": summarise_latency(arm_runs, [r["generated_tokens"] for r in arm_runs]),
+                "timed_runs": arm_runs, "timing_conditions": conditions,
+                "speedup": paired_speedup(reference, arm_runs) if arm.budget is not None else None,
+                "flops": mean_flops([flops_from_trace(self.arch, t) for t in first]),
+                "realised_tokens": sum(t.realised_tokens for t in first) / len(first),
+                "n_visual": sum(t.n_visual for t in first) / len(first),
+                "kv_cache_bytes": sum(kv_cache_bytes(self.arch, t, self.dtype) for t in first) / len(first),
                 "peak_memory_bytes": memory.peak_bytes,
                 "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "profiler_tensor_peak"}
+        return out
 
     # ------------------------------------------------------------------------------ run records
     def _common(self, task: Task, arm: Arm, records: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
@@ -510,7 +597,7 @@ class Harness:
         return self._common(task, arm) | {
             "score": None, "metrics": {}, "relative": None, "relative_ci": None, "agreement": None,
             "realised_tokens": None, "realised_ratio": None, "flops": None, "latency_ms": None,
-            "peak_memory_bytes": None, "flash_attention": None, "kv_cache_bytes": None,
+            "peak_memory_bytes": None, "flash_attention": None, "kv_cache_bytes": None, "speedup": None,
             "n_samples": 0, "n_errors": 0, "infeasible": reason, "errors": {}, "first_error": None,
             "budget_tokens": None, "over_budget": None, "n_over_budget": None}
 
@@ -520,7 +607,8 @@ class Harness:
         metrics = task.aggregate(ok) if ok else {}
         score = metrics.get(task.primary_metric)
         stats = compare(records, baseline, task.aggregate, task.primary_metric, seed=self.config.seed,
-                        unit=getattr(task, "bootstrap_unit", ()))
+                        unit=getattr(task, "bootstrap_unit", ()),
+                        per_sample_score=getattr(task, "per_sample_score", None))
         traces = [r["trace"] for r in ok]
         realised = sum(t["realised_tokens"] for t in traces) / len(traces) if traces else \
             efficiency.get("realised_tokens")
@@ -541,7 +629,8 @@ class Harness:
             "latency_ms": efficiency.get("latency_ms"), "peak_memory_bytes": efficiency.get("peak_memory_bytes"),
             "peak_memory_kind": efficiency.get("peak_memory_kind"),
             "flash_attention": efficiency.get("flash_attention"),
-            "timing_conditions": efficiency.get("timing_conditions"),
+            "timing_conditions": efficiency.get("timing_conditions"), "speedup": efficiency.get("speedup"),
+            "timed_runs": efficiency.get("timed_runs"),
             "n_samples": len(records), "n_errors": len(records) - len(ok), "errors": errors,
             "first_error": first_error, "infeasible": None}
 

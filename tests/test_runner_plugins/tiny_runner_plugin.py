@@ -3,7 +3,8 @@
 ``tiny`` yields small generated images; sample ``broken`` has an image that fails to decode,
 ``long`` has a prompt longer than the tiny model's 2048-token context, and ``boom`` makes the
 ``flaky`` method raise. ``TINY_SCORE_LOG`` (a file) records every scored sample, so tests can see
-what was (re)computed; ``TINY_SCORE_SLEEP`` slows scoring so a run can be killed mid-way.
+what was (re)computed; ``TINY_SCORE_SLEEP`` slows scoring so a run can be killed mid-way;
+``TINY_DECODE_LOG`` (a file) records every image decode.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def _broken_image() -> Image.Image:
     raise OSError("cannot identify image file 'broken.png'")
 
 
+def _logged_decode(sample_id: str, image: Image.Image, log: str):
+    """A lazily decoded image that writes ``sample_id`` to ``log`` on every decode."""
+    def decode() -> Image.Image:
+        with open(log, "a") as handle:
+            handle.write(sample_id + "\n")
+        return image.copy()
+    return decode
+
+
 class TinyTask(Task):
     name = "tiny"
     primary_metric = "answered"
@@ -39,6 +49,8 @@ class TinyTask(Task):
         for index in range(count):
             colour = list(COLOURS)[index % 3]
             image = Image.new("RGB", (64, 64), COLOURS[colour])
+            if os.environ.get("TINY_DECODE_LOG"):
+                image = _logged_decode(f"s{index}", image, os.environ["TINY_DECODE_LOG"])
             items.append(Sample(f"s{index}", "what color is the square ?", image, colour, {"family": colour}))
         if os.environ.get("TINY_FAULTS"):
             items.append(Sample("broken", "what color ?", _broken_image, "red", {"family": "red"}))
