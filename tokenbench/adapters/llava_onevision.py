@@ -25,12 +25,13 @@ import torch
 
 from tokenbench.adapters.anyres import AnyresImages, AnyresLayout, anyres_layout
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
+from tokenbench.adapters.llava import llava_architecture
 from tokenbench.adapters.loading import load_checkpoint
 from tokenbench.adapters.prefill import LLM_SITE_SIGNALS, TokenSequence
 from tokenbench.adapters.qwen2_vl import load_processor
 from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
-from tokenbench.compressor import Architecture, ModelInfo, Site, Stage
+from tokenbench.compressor import ModelInfo, Site, Stage
 
 
 class LlavaOnevisionAdapter(AnyresImages, StagedAdapter):
@@ -60,16 +61,8 @@ class LlavaOnevisionAdapter(AnyresImages, StagedAdapter):
 
     def info(self, n_visual: int | None = None, grid: tuple[int, int] | None = None,
              crops: tuple[tuple[int, int], ...] = ()) -> ModelInfo:
-        config = self.model.config
-        text, vision = config.text_config, config.vision_config
         grid = grid or self.patch_grid
-        arch = Architecture(
-            llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
-            llm_intermediate=text.intermediate_size, llm_heads=text.num_attention_heads,
-            llm_kv_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
-            vision_layers=self.vision_blocks, vision_hidden=vision.hidden_size,
-            vision_intermediate=vision.intermediate_size, vision_tokens=grid[0] * grid[1],
-            projector_in=vision.hidden_size, projector_hidden=text.hidden_size, gated_mlp=True)
+        arch = llava_architecture(self.model.config, self.vision_blocks, grid[0] * grid[1])  # SigLIP: no CLS
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch, self.served_signals,
                          crops=crops)
 
