@@ -55,10 +55,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import DirectoryPath, Field
-from tokenbench.methods.divprune import check_finite, projector_plan
+from tokenbench.methods.divprune import ProjectorPruner, check_finite
 
 import tokenbench
-from tokenbench import ModelInfo, Reduction, Site, SiteInput, Stage, TokenCompressor
+from tokenbench import SiteInput, TokenCompressor
 
 SHORT_ANSWER_LINE = "\nAnswer the question using a single word or phrase."
 STALL = 1e-6  # a pivot below this share of the image's largest diagonal entry adds nothing
@@ -119,13 +119,11 @@ def dpp_greedy(kernel: torch.Tensor, keep: int, fallback: torch.Tensor) -> torch
     return picks
 
 
-class CDPruner(TokenCompressor):
+class CDPruner(ProjectorPruner):
     """Keep the tokens that maximise a DPP determinant of instruction relevance × visual diversity."""
 
     name = "cdpruner"
-    stages = (Stage.PROJECTOR,)
     needs = frozenset({"clip_visual", "clip_text"})
-    positions = "contiguous"
     paper = "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs " \
             "(CDPruner, NeurIPS 2025)"
     source = "https://github.com/Theia-4869/CDPruner (re-implemented from the spec, not copied)"
@@ -152,18 +150,11 @@ class CDPruner(TokenCompressor):
         suffix = self.options.instruction_suffix
         return prompt.replace(suffix, "") if suffix else prompt
 
-    def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
-        return projector_plan(self.name, n_visual, budget, info)
-
-    def reduce(self, x: SiteInput) -> Reduction:
-        visual = check_finite(self.name, x.visual)
-        batch, n, _ = visual.shape
-        if x.keep >= n:
-            return Reduction(torch.arange(n, device=visual.device).expand(batch, n).clone())
+    def select(self, x: SiteInput, visual: torch.Tensor, keep: int) -> torch.Tensor:
         raw = self._raw_relevance(x) if self.options.negate else -self._raw_relevance(x)
         relevance = minmax_relevance(raw, per_image=self.options.normalize == "image")
         kernel = conditional_kernel(visual, relevance)
-        return Reduction(dpp_greedy(kernel, max(x.keep, 1), relevance).sort(dim=1).values)
+        return dpp_greedy(kernel, keep, relevance)
 
     def _raw_relevance(self, x: SiteInput) -> torch.Tensor:
         if self.options.relevance == "clip":

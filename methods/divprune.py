@@ -69,19 +69,12 @@ def divprune_select(x: torch.Tensor, keep: int, dtype: torch.dtype = torch.float
     return picks
 
 
-class DivPrune(TokenCompressor):
-    """Keep the ``budget`` projected visual tokens that are most diverse (greedy max–min cosine distance)."""
+class ProjectorPruner(TokenCompressor):
+    """Base of the methods that keep ``round(budget)`` of the projected visual tokens, the ones
+    ``select`` picks (``divprune``, ``cdpruner``): the plan, the input check and the keep-all case."""
 
-    name = "divprune"
     stages = (Stage.PROJECTOR,)
-    needs = frozenset()
     positions = "contiguous"
-    paper = "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (CVPR 2025)"
-    source = "https://github.com/vbdi/divprune (re-implemented from the spec, not copied)"
-
-    class Options(TokenCompressor.Options):
-        distance_dtype: Literal["float32", "input"] = Field(
-            "float32", description="dtype of the cosine distances; input = the model dtype, as the reference")
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
         return projector_plan(self.name, n_visual, budget, info)
@@ -91,8 +84,29 @@ class DivPrune(TokenCompressor):
         batch, n, _ = visual.shape
         if x.keep >= n:
             return Reduction(torch.arange(n, device=visual.device).expand(batch, n).clone())
+        return Reduction(self.select(x, visual, max(x.keep, 1)).sort(dim=1).values)
+
+    def select(self, x: SiteInput, visual: torch.Tensor, keep: int) -> torch.Tensor:
+        """[B, keep] indices of the tokens to keep, in any order (``visual`` is ``x.visual``, finite,
+        with more than ``keep`` tokens)."""
+        raise NotImplementedError
+
+
+class DivPrune(ProjectorPruner):
+    """Keep the ``budget`` projected visual tokens that are most diverse (greedy max–min cosine distance)."""
+
+    name = "divprune"
+    needs = frozenset()
+    paper = "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (CVPR 2025)"
+    source = "https://github.com/vbdi/divprune (re-implemented from the spec, not copied)"
+
+    class Options(TokenCompressor.Options):
+        distance_dtype: Literal["float32", "input"] = Field(
+            "float32", description="dtype of the cosine distances; input = the model dtype, as the reference")
+
+    def select(self, x: SiteInput, visual: torch.Tensor, keep: int) -> torch.Tensor:
         dtype = visual.dtype if self.options.distance_dtype == "input" else torch.float32
-        return Reduction(divprune_select(visual, max(x.keep, 1), dtype).sort(dim=1).values)
+        return divprune_select(visual, keep, dtype)
 
 
 def projector_plan(name: str, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:

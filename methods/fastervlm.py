@@ -32,7 +32,8 @@ tokens (equal scores) keep the lowest indices; NaN or infinite scores or feature
 ``ValueError``.
 
 The helpers :func:`importance_signal`, :func:`importance_scores` and :func:`rank_by_score` are
-shared with ``visionzip`` and ``vispruner``.
+shared with ``visionzip`` and ``vispruner``, and the base class :class:`ImportanceRanked` with
+``vispruner``.
 """
 
 from __future__ import annotations
@@ -98,20 +99,15 @@ def keep_all(x: SiteInput) -> Reduction:
     return Reduction(torch.arange(n, device=x.visual.device).expand(b, n).clone())
 
 
-class FasterVLM(TokenCompressor):
-    """Keep the top patches by the vision encoder's CLS attention (received attention without CLS)."""
+class ImportanceRanked(TokenCompressor):
+    """Base of the methods that rank tokens by :func:`importance_signal` at one pre-LLM site
+    (``fastervlm``, ``vispruner``): ``needs`` holds the signal that the ``importance`` option
+    picks, resolved against the adapter in ``schedule``. Subclasses declare ``importance`` in their
+    ``Options`` and implement ``reduce``."""
 
-    name = "fastervlm"
     stages = (Stage.VISION_OUT, Stage.PROJECTOR)
     needs = frozenset({"cls_attention"})
     positions = "contiguous"
-    paper = "[CLS] Attention is All You Need for Training-Free Visual Token Pruning (arXiv 2412.01818 v1)"
-    source = "https://github.com/Theia-4869/FasterVLM (re-implemented from the spec, not copied)"
-
-    class Options(TokenCompressor.Options):
-        importance: Importance = Field(
-            "auto", description="token score: cls (CLS attention row), received (attention received, for "
-                                "encoders without CLS), auto (cls where served, else received)")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -122,6 +118,19 @@ class FasterVLM(TokenCompressor):
         self.needs = frozenset({importance_signal(self.name, self.options.importance, info,
                                                   pre_llm_site(info).stage)})
         return plan
+
+
+class FasterVLM(ImportanceRanked):
+    """Keep the top patches by the vision encoder's CLS attention (received attention without CLS)."""
+
+    name = "fastervlm"
+    paper = "[CLS] Attention is All You Need for Training-Free Visual Token Pruning (arXiv 2412.01818 v1)"
+    source = "https://github.com/Theia-4869/FasterVLM (re-implemented from the spec, not copied)"
+
+    class Options(TokenCompressor.Options):
+        importance: Importance = Field(
+            "auto", description="token score: cls (CLS attention row), received (attention received, for "
+                                "encoders without CLS), auto (cls where served, else received)")
 
     def reduce(self, x: SiteInput) -> Reduction:
         scores = importance_scores(self.name, x)

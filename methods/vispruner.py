@@ -44,23 +44,20 @@ features raise ``ValueError``. ``important_ratio=1`` equals ``fastervlm``.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from tokenbench.methods.baselines import pre_llm_site, single_site_plan
 from tokenbench.methods.fastervlm import (
     Importance,
+    ImportanceRanked,
     importance_scores,
-    importance_signal,
     keep_all,
     rank_by_score,
-    signal_for_option,
 )
 
 import tokenbench
-from tokenbench import ModelInfo, Reduction, Site, SiteInput, Stage, TokenCompressor
+from tokenbench import Reduction, SiteInput, TokenCompressor
 
 GRAM_LIMIT = 1 << 24  # similarity entries computed up front (64 MiB in fp32), else per round
 
@@ -99,13 +96,10 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]))
 
 
-class VisPruner(TokenCompressor):
+class VisPruner(ImportanceRanked):
     """Important tokens by CLS attention plus diverse tokens by repeated duplicate removal."""
 
     name = "vispruner"
-    stages = (Stage.VISION_OUT, Stage.PROJECTOR)
-    needs = frozenset({"cls_attention"})
-    positions = "contiguous"
     paper = "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs (ICCV 2025)"
     source = "https://github.com/Theia-4869/VisPruner (re-implemented from the spec, not copied)"
 
@@ -113,16 +107,6 @@ class VisPruner(TokenCompressor):
         important_ratio: float = Field(0.5, ge=0, le=1, description="share of the budget kept by CLS attention")
         removal_step: int = Field(8, ge=1, description="tokens dropped per duplicate-removal round")
         importance: Importance = Field("auto", description="token score: cls, received or auto (see fastervlm)")
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.needs = frozenset({signal_for_option(self.options.importance)})
-
-    def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
-        plan = single_site_plan(n_visual, budget, info)
-        self.needs = frozenset({importance_signal(self.name, self.options.importance, info,
-                                                  pre_llm_site(info).stage)})
-        return plan
 
     def reduce(self, x: SiteInput) -> Reduction:
         scores = importance_scores(self.name, x)

@@ -7,17 +7,10 @@ from typing import ClassVar
 
 import pytest
 import torch
+from llm_tools import model_info
 from tokenbench.methods.sparsevlm import SparseVLM, recycled_clusters
 
-from tokenbench import Architecture, Infeasible, ModelInfo, Site, SiteInput, Stage, layer_averaged_tokens
-
-
-def model_info(llm_layers: int = 32, n_visual: int = 576) -> ModelInfo:
-    arch = Architecture(llm_layers=llm_layers, llm_hidden=64, llm_intermediate=128, llm_heads=4,
-                        llm_kv_heads=4, vocab_size=100, vision_layers=4, vision_hidden=32,
-                        vision_intermediate=64, vision_tokens=n_visual + 1, projector_in=32,
-                        projector_hidden=64)
-    return ModelInfo("llava", frozenset(Stage), (24, 24), n_visual, arch)
+from tokenbench import Infeasible, Site, SiteInput, Stage, layer_averaged_tokens
 
 
 def dot(u, v):

@@ -6,15 +6,21 @@ order, then the sub-crops as one combined grid, unpadded to the image's aspect r
 each row followed by one ``image_newline`` token. The layout is read off the model's own
 ``pack_image_features`` run on index tensors instead of features, so it is the stock arrangement by
 construction, whatever the unpadding (and, for OneVision, the pooling) does.
+
+:class:`AnyresImages` is what the two adapters share around the layout: batches of one image size,
+one cached layout per size, the newlines put back into the span and the crops in ``ModelInfo``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import torch
 
+from tokenbench.adapters.base import AdapterError, Prompt
 from tokenbench.adapters.sites import (
     AFTER_ALL_LINES,
     Applied,
@@ -22,6 +28,8 @@ from tokenbench.adapters.sites import (
     VisualBlock,
     interleave,
 )
+from tokenbench.adapters.staged import Encoded
+from tokenbench.compressor import ModelInfo
 
 #: ``pack(features [C, P, K], image_size [2], newline [K]) -> [n_span, K]``: the model's packing.
 Pack = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,6 +72,48 @@ class AnyresLayout:
         expand = (b, n_newlines)
         return interleave(Applied(block, source, 0), line, source, newlines,
                           self.newline_line.to(device).expand(*expand), self.newline_span.to(device).expand(*expand))
+
+
+class AnyresImages:
+    """Mixin of the anyres adapters (before their ``StagedAdapter`` base): they define
+    ``_layout(image_size) -> AnyresLayout`` from the model's own packing and ``info(n_visual, grid,
+    crops)``; this caches one layout per image size and serves the ``StagedAdapter`` hooks from it."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
+        super().__init__(model, processor)
+        self._layouts = lru_cache(maxsize=64)(self._layout)
+
+    def _layout(self, image_size: tuple[int, int]) -> AnyresLayout:
+        raise NotImplementedError
+
+    def _info_of(self, encoded: Encoded) -> ModelInfo:
+        return self.info(encoded.n_visual, grid=encoded.grid, crops=encoded.crops.grids)
+
+    def _batch_key(self, prompt: Prompt) -> Any:
+        return prompt.image.size if prompt.image is not None else None
+
+    def _batch_layout(self, image_sizes: torch.Tensor) -> AnyresLayout:
+        """The layout of a batch's images from the processor's ``image_sizes`` [B, 2] (one size)."""
+        sizes = [tuple(s) for s in image_sizes.tolist()]
+        if len(set(sizes)) != 1:
+            raise AdapterError("a batch must hold images of one size; generate() groups them for you")
+        return self._layouts(sizes[0])
+
+    def _layout_of(self, encoded: Encoded) -> AnyresLayout:
+        return self._layouts(tuple(encoded.image_inputs["image_sizes"][0].tolist()))
+
+    def _encoded(self, tokens: Any, images: Any, layout: AnyresLayout) -> Encoded:
+        """The batch from the tokenizer's ``input_ids`` / ``attention_mask`` (``tokens``) and the image
+        processor's ``pixel_values`` / ``image_sizes`` (``images``), on the model's device."""
+        device = self.device
+        return Encoded(tokens["input_ids"].to(device), tokens["attention_mask"].to(device),
+                       {"pixel_values": images["pixel_values"].to(device, self.dtype),
+                        "image_sizes": images["image_sizes"].to(device)},
+                       self.model.config.image_token_id, self.patch_grid, visual_count=layout.n_visual,
+                       span_count=layout.n_span, crops=layout.crops)
+
+    def _span(self, encoded: Encoded, block: VisualBlock) -> Applied:
+        return self._layout_of(encoded).span(block, self.model.model.image_newline)
 
 
 def anyres_layout(pack: Pack, crops: int, side: int, image_size: torch.Tensor) -> AnyresLayout:

@@ -51,6 +51,21 @@ VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligenc
                     "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
+def llava_architecture(config: Any, vision_layers: int, vision_tokens: int) -> Architecture:
+    """The :class:`Architecture` of a LLaVA-family ``config``: its ``vision_config`` encoder running
+    ``vision_layers`` blocks on ``vision_tokens`` tokens per pass, an MLP projector into the
+    ``text_config`` decoder (gated MLPs)."""
+    text, vision = config.text_config, config.vision_config
+    return Architecture(
+        llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
+        llm_intermediate=text.intermediate_size, llm_heads=text.num_attention_heads,
+        llm_kv_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
+        vision_layers=vision_layers, vision_hidden=vision.hidden_size,
+        vision_intermediate=vision.intermediate_size, vision_tokens=vision_tokens,
+        projector_in=vision.hidden_size, projector_hidden=text.hidden_size, gated_mlp=True,
+        patch_in=vision.num_channels * vision.patch_size ** 2)
+
+
 class LlavaAdapter(StagedAdapter):
     name = "llava"
     model_types = ("llava",)
@@ -93,17 +108,8 @@ class LlavaAdapter(StagedAdapter):
         return cls(model, AutoProcessor.from_pretrained(path))
 
     def info(self, n_visual: int | None = None, grid: tuple[int, int] | None = None) -> ModelInfo:
-        config = self.model.config
-        text, vision = config.text_config, config.vision_config
         grid = grid or self.patch_grid
-        arch = Architecture(
-            llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
-            llm_intermediate=text.intermediate_size, llm_heads=text.num_attention_heads,
-            llm_kv_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
-            vision_layers=self.vision_blocks, vision_hidden=vision.hidden_size,
-            vision_intermediate=vision.intermediate_size, vision_tokens=grid[0] * grid[1] + 1,
-            projector_in=vision.hidden_size, projector_hidden=text.hidden_size, gated_mlp=True,
-            patch_in=vision.num_channels * vision.patch_size ** 2)
+        arch = llava_architecture(self.model.config, self.vision_blocks, grid[0] * grid[1] + 1)  # + CLS
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch, self.served_signals)
 
     def _encode(self, prompts: Sequence[Prompt]) -> Encoded:

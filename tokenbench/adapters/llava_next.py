@@ -20,21 +20,20 @@ images of one size together (``_batch_key``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from tokenbench.adapters.anyres import AnyresLayout, anyres_layout
-from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
+from tokenbench.adapters.anyres import AnyresImages, AnyresLayout, anyres_layout
+from tokenbench.adapters.base import Prompt, TokenTrace
 from tokenbench.adapters.llava import LlavaAdapter, _clip_keys
 from tokenbench.adapters.prefill import LLM_SITE_SIGNALS, TokenSequence
-from tokenbench.adapters.sites import Applied, VisualBlock, run_site
+from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan
 from tokenbench.compressor import ModelInfo, Site, Stage
 
 
-class LlavaNextAdapter(LlavaAdapter):
+class LlavaNextAdapter(AnyresImages, LlavaAdapter):
     name = "llava_next"
     model_types = ("llava_next",)
     stages = frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM})
@@ -45,21 +44,11 @@ class LlavaNextAdapter(LlavaAdapter):
     }
     description = "LLaVA-NeXT: anyres CLIP crops (base + up to 4 sub-crops, unpadded, newline per row)"
 
-    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
-        super().__init__(model, processor)
-        self._layouts = lru_cache(maxsize=64)(self._layout)
-
     def info(self, n_visual: int | None = None, grid: tuple[int, int] | None = None,
              crops: tuple[tuple[int, int], ...] = ()) -> ModelInfo:
         base = super().info(n_visual, grid)
         return ModelInfo(self.name, self.stages, base.grid, base.n_visual, base.arch, self.served_signals,
                          crops=crops)
-
-    def _info_of(self, encoded: Encoded) -> ModelInfo:
-        return self.info(encoded.n_visual, grid=encoded.grid, crops=encoded.crops.grids)
-
-    def _batch_key(self, prompt: Prompt) -> Any:
-        return prompt.image.size if prompt.image is not None else None
 
     def _layout(self, image_size: tuple[int, int]) -> AnyresLayout:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -79,27 +68,14 @@ class LlavaNextAdapter(LlavaAdapter):
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.text}]}],
             add_generation_prompt=True, tokenize=False) for p in prompts]
         batch = processor(images=[p.image for p in prompts], text=texts, padding=True, return_tensors="pt")
-        sizes = [tuple(s) for s in batch["image_sizes"].tolist()]
-        if len(set(sizes)) != 1:
-            raise AdapterError("a batch must hold images of one size; generate() groups them for you")
-        layout = self._layouts(sizes[0])
-        device = self.device
-        return Encoded(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                       {"pixel_values": batch["pixel_values"].to(device, self.dtype),
-                        "image_sizes": batch["image_sizes"].to(device)},
-                       self.model.config.image_token_id, self.patch_grid, visual_count=layout.n_visual,
-                       span_count=layout.n_span, crops=layout.crops)
-
-    def _span(self, encoded: Encoded, block: VisualBlock) -> Applied:
-        layout = self._layouts(tuple(encoded.image_inputs["image_sizes"][0].tolist()))
-        return layout.span(block, self.model.model.image_newline)
+        return self._encoded(batch, batch, self._batch_layout(batch["image_sizes"]))
 
     def _visual_tokens(self, encoded: Encoded, plan: Plan, sequence: TokenSequence,
                        traces: list[TokenTrace]) -> VisualBlock:
         tower = self.model.model.vision_tower
         compressor = plan.compressor
         needs = compressor.needs if compressor else frozenset()
-        layout = self._layouts(tuple(encoded.image_inputs["image_sizes"][0].tolist()))
+        layout = self._layout_of(encoded)
         pixels = encoded.image_inputs["pixel_values"]
         b, crops = pixels.shape[:2]  # one image size per batch, so no crop padding
         pixels = pixels.flatten(0, 1)

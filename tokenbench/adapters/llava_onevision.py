@@ -18,23 +18,23 @@ expanded to the token count of the model's own packing, which is what the proces
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from tokenbench.adapters.anyres import AnyresLayout, anyres_layout
+from tokenbench.adapters.anyres import AnyresImages, AnyresLayout, anyres_layout
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
+from tokenbench.adapters.llava import llava_architecture
 from tokenbench.adapters.loading import load_checkpoint
 from tokenbench.adapters.prefill import LLM_SITE_SIGNALS, TokenSequence
 from tokenbench.adapters.qwen2_vl import load_processor
-from tokenbench.adapters.sites import Applied, VisualBlock, run_site
+from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
-from tokenbench.compressor import Architecture, ModelInfo, Site, Stage
+from tokenbench.compressor import ModelInfo, Site, Stage
 
 
-class LlavaOnevisionAdapter(StagedAdapter):
+class LlavaOnevisionAdapter(AnyresImages, StagedAdapter):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
     stages = frozenset({Stage.PROJECTOR, Stage.LLM})
@@ -52,7 +52,6 @@ class LlavaOnevisionAdapter(StagedAdapter):
         self.vision_blocks = vision.num_hidden_layers  # the stock tower runs every block
         self.image_token = getattr(processor.tokenizer, "image_token", None) or "<image>"
         processor.tokenizer.padding_side = "left"
-        self._layouts = lru_cache(maxsize=64)(self._layout)
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, attn: str = "sdpa",
@@ -62,24 +61,10 @@ class LlavaOnevisionAdapter(StagedAdapter):
 
     def info(self, n_visual: int | None = None, grid: tuple[int, int] | None = None,
              crops: tuple[tuple[int, int], ...] = ()) -> ModelInfo:
-        config = self.model.config
-        text, vision = config.text_config, config.vision_config
         grid = grid or self.patch_grid
-        arch = Architecture(
-            llm_layers=text.num_hidden_layers, llm_hidden=text.hidden_size,
-            llm_intermediate=text.intermediate_size, llm_heads=text.num_attention_heads,
-            llm_kv_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
-            vision_layers=self.vision_blocks, vision_hidden=vision.hidden_size,
-            vision_intermediate=vision.intermediate_size, vision_tokens=grid[0] * grid[1],
-            projector_in=vision.hidden_size, projector_hidden=text.hidden_size, gated_mlp=True)
+        arch = llava_architecture(self.model.config, self.vision_blocks, grid[0] * grid[1])  # SigLIP: no CLS
         return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch, self.served_signals,
                          crops=crops)
-
-    def _info_of(self, encoded: Encoded) -> ModelInfo:
-        return self.info(encoded.n_visual, grid=encoded.grid, crops=encoded.crops.grids)
-
-    def _batch_key(self, prompt: Prompt) -> Any:
-        return prompt.image.size if prompt.image is not None else None
 
     def _layout(self, image_size: tuple[int, int]) -> AnyresLayout:
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
@@ -97,10 +82,7 @@ class LlavaOnevisionAdapter(StagedAdapter):
     def _encode(self, prompts: Sequence[Prompt]) -> Encoded:
         processor = self.processor
         images = processor.image_processor(images=[p.image for p in prompts], return_tensors="pt")
-        sizes = [tuple(s) for s in images["image_sizes"].tolist()]
-        if len(set(sizes)) != 1:
-            raise AdapterError("a batch must hold images of one size; generate() groups them for you")
-        layout = self._layouts(sizes[0])
+        layout = self._batch_layout(images["image_sizes"])
         texts = []
         for prompt in prompts:
             text = processor.apply_chat_template(
@@ -108,22 +90,13 @@ class LlavaOnevisionAdapter(StagedAdapter):
                 add_generation_prompt=True, tokenize=False)
             texts.append(text.replace(self.image_token, self.image_token * layout.n_span, 1))
         batch = processor.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-        device = self.device
-        return Encoded(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                       {"pixel_values": images["pixel_values"].to(device, self.dtype),
-                        "image_sizes": images["image_sizes"].to(device)},
-                       self.model.config.image_token_id, self.patch_grid, visual_count=layout.n_visual,
-                       span_count=layout.n_span, crops=layout.crops)
-
-    def _span(self, encoded: Encoded, block: VisualBlock) -> Applied:
-        layout = self._layouts(tuple(encoded.image_inputs["image_sizes"][0].tolist()))
-        return layout.span(block, self.model.model.image_newline)
+        return self._encoded(batch, images, layout)
 
     def _visual_tokens(self, encoded: Encoded, plan: Plan, sequence: TokenSequence,
                        traces: list[TokenTrace]) -> VisualBlock:
         config = self.model.config
         inputs = encoded.image_inputs
-        layout = self._layouts(tuple(inputs["image_sizes"][0].tolist()))
+        layout = self._layout_of(encoded)
         features = self.model.model.get_image_features(
             inputs["pixel_values"], inputs["image_sizes"], vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
