@@ -323,12 +323,13 @@ class Harness:
         return {label: [self.store.get(k) for k in ks] for label, ks in keys.items()}  # type: ignore[misc]
 
     def _prompt(self, sample: Sample, cache: dict[str, Prompt | str]) -> Prompt | str:
-        """The sample's prompt with its decoded image, or the decoding error (once per chunk)."""
+        """The sample's prompt with its decoded image (or video frames), or the decoding error (once
+        per chunk)."""
         if sample.id not in cache:
             try:
-                cache[sample.id] = Prompt(sample.load_image(), sample.prompt)
-            except Exception as exc:  # noqa: BLE001 -- a broken image fails its sample only
-                cache[sample.id] = f"image: {_describe(exc)}"
+                cache[sample.id] = Prompt(sample.load_image(), sample.prompt, video=sample.load_video())
+            except Exception as exc:  # noqa: BLE001 -- a broken image or video fails its sample only
+                cache[sample.id] = f"{'video' if sample.video is not None else 'image'}: {_describe(exc)}"
         return cache[sample.id]
 
     def _run_batch(self, task: Task, arm: Arm, compressor: TokenCompressor | None,
@@ -412,7 +413,7 @@ class Harness:
                                   "method": arm.spec.name, "budget": arm.budget.label if arm.budget else None,
                                   "flash_attention": None, "latency_ms": None, "peak_memory_bytes": None}
         if ok:
-            prompts = [Prompt(s.load_image(), s.prompt) for s in ok]
+            prompts = [Prompt(s.load_image(), s.prompt, video=s.load_video()) for s in ok]
             result["flash_attention"] = self._flash_attention(prompts[0], compressor, arm, task)
             if self.config.efficiency:
                 try:

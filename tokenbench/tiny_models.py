@@ -139,6 +139,56 @@ def tiny_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, v
     return directory
 
 
+VIDEO_LLAVA_VIDEO_TOKEN = "<video>"
+
+
+def video_llava_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Video-LLaVA's ``<image>`` and ``<video>`` tokens."""
+    return word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN, VIDEO_LLAVA_VIDEO_TOKEN],
+                                extra_attributes={"image_token": LLAVA_IMAGE_TOKEN,
+                                                  "video_token": VIDEO_LLAVA_VIDEO_TOKEN})
+
+
+def tiny_video_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, vision_layers: int = 3,
+                     llm_layers: int = 4, image_size: int = 224, seed: int = 0) -> Path:
+    """A random-weight Video-LLaVA-shaped model: CLIP-shaped video and image towers at
+    ``image_size`` px, patch 14 (16×16 = 256 patches per frame at 224 px, plus CLS),
+    ``vision_feature_layer=-2``, a 2-layer MLP projector and a GQA Llama decoder of hidden size 64.
+    Saved with its tokenizer and image processor (frames are preprocessed by the image processor);
+    ``AutoProcessor`` builds a ``VideoLlavaProcessor`` where torchvision is installed."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        VideoLlavaConfig,
+        VideoLlavaForConditionalGeneration,
+        VideoLlavaImageProcessor,
+    )
+
+    directory = Path(directory)
+    tokenizer = video_llava_tokenizer(words)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=2, image_size=image_size, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=llm_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    side = image_size // 14
+    config = VideoLlavaConfig(vision_config=vision, text_config=text,
+                              image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                              video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_LLAVA_VIDEO_TOKEN),
+                              vision_feature_layer=-2, vision_feature_select_strategy="default",
+                              image_seq_length=side * side, video_seq_length=8 * (side * side + 1),
+                              pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    VideoLlavaImageProcessor(size={"shortest_edge": image_size},
+                             crop_size={"height": image_size, "width": image_size}).save_pretrained(directory)
+    return directory
+
+
 def tiny_qwen2_vl(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, llm_layers: int = 4,
                   image_size: int = 224, seed: int = 0, variant: str = "qwen2_vl") -> Path:
     """A random-weight Qwen2-VL (``variant="qwen2_5_vl"``: Qwen2.5-VL): patch 14, 2×2 spatial merge,
