@@ -177,3 +177,39 @@ def test_registry_batches_and_refusals(request):
     llava.name = "llava"
     with pytest.raises(AdapterError, match="images only"):
         llava.run(video_prompts(1))
+
+
+def test_shipped_config_builds_a_random_weight_video_model(tmp_path):
+    """``--model-config video-llava-7b`` narrowed to tiny widths: 8 frames × (256 + CLS) in the prompt,
+    2048 visual tokens, 24 CLIP blocks up to the selected layer −2 → 23 run per frame."""
+    import json
+    from pathlib import Path
+
+    import tokenbench
+    from tokenbench.random_model import config_model_ref, random_weight_adapter
+
+    raw = json.loads((Path(tokenbench.__file__).parent / "configs" / "video-llava-7b.json").read_text())
+    assert raw["vision_config"]["image_size"] // raw["vision_config"]["patch_size"] == SIDE
+    small = raw | {
+        "text_config": raw["text_config"] | {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                             "num_attention_heads": 4, "num_key_value_heads": 4},
+        "vision_config": raw["vision_config"] | {"hidden_size": 32, "intermediate_size": 64,
+                                                 "num_attention_heads": 2}}
+    path = tmp_path / "video-llava-7b.json"
+    path.write_text(json.dumps(small))
+    registry = load_registry()
+    assert config_model_ref("video-llava-7b", registry).location.endswith("configs/video-llava-7b.json")
+    a = random_weight_adapter(path, registry, dtype=torch.float32, attn="sdpa", device=torch.device("cpu"))
+    trace = a.generate(video_prompts(1, 8), max_new_tokens=2)[0].trace
+    assert trace.n_visual == 2048 and trace.llm_visual == [2048, 2048]
+    assert trace.vision == [257] * 23 and trace.vision_frames == 8
+    assert int((a._encode(video_prompts(1, 8)).input_ids == a.model.config.video_token_id).sum()) == 2056
+
+
+def test_protocols_differ_in_the_system_prompt(request):
+    a = VideoLlavaAdapter(load(request).model, load(request).processor)
+    a.protocol = "llava"  # what `tokenbench run` uses for this family unless --protocol hf
+    assert VideoLlavaAdapter.default_protocol == "llava"
+    assert a._conversation("<video>", "why ?").startswith("A chat between a curious user")
+    a.protocol = "hf"
+    assert a._conversation("<video>", "why ?") == "USER: <video>\nwhy ? ASSISTANT:"

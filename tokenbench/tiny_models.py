@@ -149,6 +149,18 @@ def video_llava_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTok
                                                   "video_token": VIDEO_LLAVA_VIDEO_TOKEN})
 
 
+def video_llava_processor(image_size: int = 224, words: Sequence[str] = DEFAULT_WORDS) -> Any:
+    """What the ``video_llava`` adapter needs of a processor, built offline: a word-level tokenizer
+    with ``<image>`` / ``<video>`` and Video-LLaVA's image processor at ``image_size``."""
+    from transformers import VideoLlavaImageProcessor
+
+    from tokenbench.adapters.qwen2_vl import ProcessorParts
+
+    image_processor = VideoLlavaImageProcessor(size={"shortest_edge": image_size},
+                                               crop_size={"height": image_size, "width": image_size})
+    return ProcessorParts(video_llava_tokenizer(words), image_processor)
+
+
 def tiny_video_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, vision_layers: int = 3,
                      llm_layers: int = 4, image_size: int = 224, seed: int = 0) -> Path:
     """A random-weight Video-LLaVA-shaped model: CLIP-shaped video and image towers at
@@ -161,11 +173,11 @@ def tiny_video_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WO
         LlamaConfig,
         VideoLlavaConfig,
         VideoLlavaForConditionalGeneration,
-        VideoLlavaImageProcessor,
     )
 
     directory = Path(directory)
-    tokenizer = video_llava_tokenizer(words)
+    processor = video_llava_processor(image_size, words)
+    tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
                               num_attention_heads=2, image_size=image_size, patch_size=14, projection_dim=32)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -184,8 +196,7 @@ def tiny_video_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WO
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    VideoLlavaImageProcessor(size={"shortest_edge": image_size},
-                             crop_size={"height": image_size, "width": image_size}).save_pretrained(directory)
+    processor.image_processor.save_pretrained(directory)
     return directory
 
 

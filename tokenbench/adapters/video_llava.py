@@ -23,7 +23,7 @@ Preprocessing: every frame goes through the checkpoint's image processor (resize
 so no torchvision is needed. The frames themselves are sampled by the task
 (:mod:`tokenbench.video`; Video-LLaVA's evaluation takes 8, uniformly).
 
-Protocols: ``videollava`` is Video-LLaVA's evaluation conversation (``llava_v1``: the system prompt,
+Protocols: ``llava`` is Video-LLaVA's evaluation conversation (``llava_v1``: the system prompt,
 then ``"USER: <video>\\n<question> ASSISTANT:"``); ``hf`` is the model card's prompt without the
 system prompt. Under both the video placeholder expands to all frames' tokens contiguously, as the
 HF processor does (Video-LLaVA's own code writes one ``<image>`` per frame separated by spaces).
@@ -63,8 +63,8 @@ class VideoLlavaAdapter(StagedAdapter):
     model_types = ("video_llava",)
     stages = frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM})
     description = "Video-LLaVA: CLIP-shaped video/image towers (8 frames × 16×16 at 224 px), MLP projector, Llama"
-    protocols = ("videollava", "hf")
-    default_protocol = "videollava"
+    protocols = ("llava", "hf")
+    default_protocol = "llava"
     accepts_video = True
     served_signals: ClassVar[dict[Stage, frozenset[str]]] = {
         Stage.VISION_OUT: frozenset({"cls_attention", "keys", "text"}),
@@ -145,7 +145,7 @@ class VideoLlavaAdapter(StagedAdapter):
 
     def _conversation(self, placeholder: str, question: str) -> str:
         turn = f"USER: {placeholder}\n{question} ASSISTANT:"
-        return f"{VICUNA_V1_SYSTEM} {turn}" if self.protocol == "videollava" else turn
+        return f"{VICUNA_V1_SYSTEM} {turn}" if self.protocol == "llava" else turn
 
     def _visual_tokens(self, encoded: Encoded, plan: Plan, sequence: TokenSequence,
                        traces: list[TokenTrace]) -> VisualBlock:
