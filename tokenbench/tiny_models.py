@@ -18,15 +18,17 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 
-def simple_chat_template(image_token: str = "<image>") -> str:
+def simple_chat_template(image_token: str = "<image>", video_token: str | None = None) -> str:
     """A plain ``ROLE: text`` chat template; ``{"type": "image"}`` content items render as
-    ``image_token`` (the processor then expands it to one placeholder per visual token)."""
+    ``image_token`` (the processor then expands it to one placeholder per visual token), and
+    ``{"type": "video"}`` items as ``video_token`` where one is given."""
     return (
         "{% for message in messages %}"
         "{{ message['role'] | upper }}: "
         "{% if message['content'] is string %}{{ message['content'] }}"
         "{% else %}{% for item in message['content'] %}"
         "{% if item['type'] == 'image' %}" + image_token + " {% endif %}"
+        + ("{% if item['type'] == 'video' %}" + video_token + " {% endif %}" if video_token else "") +
         "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
         "{% endfor %}{% endif %} "
         "{% endfor %}"
@@ -105,7 +107,8 @@ def llava_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = 336, p
 def qwen_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with Qwen2-VL's vision special tokens and a plain chat template."""
     return word_level_tokenizer(words, special_tokens=QWEN_SPECIAL,
-                                chat_template=simple_chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
+                                chat_template=simple_chat_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                                                   "<|vision_start|><|video_pad|><|vision_end|>"),
                                 extra_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                                   "vision_start_token": "<|vision_start|>",
                                                   "vision_end_token": "<|vision_end|>"})
