@@ -83,3 +83,25 @@ def test_frames_pair_into_temporal_patches(request):
     for k, (first, second) in enumerate([(0, 1), (2, 2)]):
         assert torch.equal(video[k, :, :, 0], per_frame[first][:, :, 0])
         assert torch.equal(video[k, :, :, 1], per_frame[second][:, :, 1])
+
+
+def test_vision_flops_count_each_temporal_step_on_its_own(request):
+    """Attention in the ViT stays inside each temporal step: the analytic count (per step, times the
+    steps) equals FlopCounterMode on the stock blocks, and 2 steps cost exactly twice 1 step."""
+    import re
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tokenbench.measure import full_flops
+
+    a = adapter("qwen2_vl", model_dir(request, "qwen2_vl"), "sdpa")
+    analytic = []
+    for frames in (2, 4):
+        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            trace = a.generate(video_prompts(1, frames), max_new_tokens=1)[0].trace
+        counted = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                      if re.fullmatch(r".*\.blocks\.\d+", name))
+        analytic.append(full_flops(a.info(frames=frames // 2).arch, trace)["vision"])
+        assert counted == analytic[-1] > 0
+    assert analytic[1] == 2 * analytic[0]
