@@ -213,3 +213,25 @@ def test_protocols_differ_in_the_system_prompt(request):
     assert a._conversation("<video>", "why ?").startswith("A chat between a curious user")
     a.protocol = "hf"
     assert a._conversation("<video>", "why ?") == "USER: <video>\nwhy ? ASSISTANT:"
+
+
+def test_video_llava_from_llava_keeps_the_image_model(tiny_llava_dir, tmp_path):
+    """The converted checkpoint computes the source LLaVA's logits on an image prompt (the new
+    ``<video>`` row aside), and its video path runs through the adapter."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tokenbench.tiny_models import video_llava_from_llava
+
+    target = video_llava_from_llava(tiny_llava_dir, tmp_path / "video")
+    a = VideoLlavaAdapter.load(target)
+    llava = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir).eval()
+    assert a.model.config.video_token_id == llava.config.text_config.vocab_size
+    prompt = Prompt(image(3, 336), "what color is the circle ?")
+    enc = a._encode([prompt])
+    with torch.no_grad():
+        ours = a.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, **enc.image_inputs).logits
+        theirs = llava(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                       pixel_values=enc.image_inputs["pixel_values"]).logits
+    torch.testing.assert_close(ours[..., :-1], theirs, rtol=1e-5, atol=1e-5)
+    trace = a.generate(video_prompts(1, 2), max_new_tokens=2)[0].trace
+    assert trace.n_visual == 2 * 24 * 24 and trace.vision_frames == 2

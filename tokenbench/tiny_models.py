@@ -203,6 +203,63 @@ def tiny_video_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WO
     return directory
 
 
+def video_llava_from_llava(source: str | Path, directory: str | Path) -> Path:
+    """A Video-LLaVA checkpoint made from a LLaVA-1.5-architecture one (e.g. ``tiny-llava-shapes``), to
+    train a video model from: its CLIP tower becomes both the image and the video tower, its
+    projector and decoder are kept, and a ``<video>`` token is added (the embedding and LM-head
+    rows grow by one; every other row is unchanged). On images it computes what the source model
+    does. Saved with the tokenizer and an image processor with the source's preprocessing."""
+    from transformers import (
+        AutoProcessor,
+        LlavaForConditionalGeneration,
+        VideoLlavaConfig,
+        VideoLlavaForConditionalGeneration,
+        VideoLlavaImageProcessor,
+    )
+
+    directory = Path(directory)
+    llava = LlavaForConditionalGeneration.from_pretrained(source).eval()
+    processor = AutoProcessor.from_pretrained(source)
+    tokenizer = processor.tokenizer
+    tokenizer.add_tokens([VIDEO_LLAVA_VIDEO_TOKEN], special_tokens=True)
+    config = llava.config
+    text = config.text_config.to_dict() | {"vocab_size": len(tokenizer)}
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    video_config = VideoLlavaConfig(
+        vision_config=vision.to_dict(), text_config=text, image_token_id=config.image_token_id,
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_LLAVA_VIDEO_TOKEN),
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        projector_hidden_act=config.projector_hidden_act, image_seq_length=side * side,
+        video_seq_length=8 * (side * side + 1), pad_token_id=config.pad_token_id,
+        tie_word_embeddings=config.tie_word_embeddings)
+    model = VideoLlavaForConditionalGeneration(video_config).eval()
+    parts = model.model
+    with torch.no_grad():
+        for tower in (parts.image_tower, parts.video_tower):
+            tower.load_state_dict(llava.model.vision_tower.state_dict())
+        parts.multi_modal_projector.load_state_dict(llava.model.multi_modal_projector.state_dict())
+        rows = config.text_config.vocab_size
+        decoder = parts.language_model.state_dict()  # views of the parameters
+        for name, value in llava.model.language_model.state_dict().items():
+            decoder[name][: value.shape[0]].copy_(value)  # only the embedding grows (by the new row)
+        embed = parts.language_model.embed_tokens.weight
+        embed[rows:] = embed[:rows].mean(dim=0)
+        model.lm_head.weight[:rows] = llava.lm_head.weight
+        model.lm_head.weight[rows:] = llava.lm_head.weight.mean(dim=0)
+    model.generation_config = llava.generation_config
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    source_images = processor.image_processor
+    VideoLlavaImageProcessor(
+        size=dict(source_images.size), crop_size=dict(source_images.crop_size),
+        resample=source_images.resample, image_mean=list(source_images.image_mean),
+        image_std=list(source_images.image_std), do_center_crop=source_images.do_center_crop,
+    ).save_pretrained(directory)
+    return directory
+
+
 def tiny_qwen2_vl(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, llm_layers: int = 4,
                   image_size: int = 224, seed: int = 0, variant: str = "qwen2_vl") -> Path:
     """A random-weight Qwen2-VL (``variant="qwen2_5_vl"``: Qwen2.5-VL): patch 14, 2×2 spatial merge,
