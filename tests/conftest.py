@@ -43,3 +43,11 @@ def tiny_llava_onevision_dir(tmp_path_factory):
     from tokenbench.tiny_models import tiny_llava_onevision
 
     return tiny_llava_onevision(tmp_path_factory.mktemp("tiny-llava-onevision"))
+
+
+@pytest.fixture(scope="session")
+def tiny_video_llava_dir(tmp_path_factory):
+    """A Video-LLaVA checkpoint (224px frames of 16×16 patches plus CLS, 4 decoder layers)."""
+    from tokenbench.tiny_models import tiny_video_llava
+
+    return tiny_video_llava(tmp_path_factory.mktemp("tiny-video-llava"))

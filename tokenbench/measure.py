@@ -10,7 +10,8 @@ actually ran and need no model internals. Two formulas, always named in the outp
 - patch embedding, per patch: ``patch_in·dv`` (the convolution: channels × patch area × frames
   input values to width ``dv``);
 - vision encoder, per block with ``t`` tokens, width ``dv``, MLP width ``mv``: Q, K, V, O projections
-  ``4·t·dv²``, attention ``QKᵀ`` and ``AV`` ``2·t²·dv``, MLP ``2·t·dv·mv`` (MACs);
+  ``4·t·dv²``, attention ``QKᵀ`` and ``AV`` ``2·t²·dv``, MLP ``2·t·dv·mv`` (MACs), once per frame of a
+  video (``TokenTrace.vision_frames``);
 - projector, per visual token it runs on: ``in·hidden + hidden·d``;
 - LLM prefill, per decoder layer with ``n`` tokens, width ``d``, MLP width ``m``, ``h`` query heads,
   ``g`` key/value heads (head size ``d/h``): Q and O ``2·n·d²``, K and V ``2·n·d·g·d/h`` (GQA-aware),
@@ -67,7 +68,8 @@ def vision_macs(arch: Architecture, trace: TokenTrace) -> int:
     most blocks: its MLP term is undercounted by a third and its attention term overcounted. Vision
     FLOPs are the same for every method there (no ``vision`` stage), so comparisons are unaffected."""
     dv, mv = arch.vision_hidden, arch.vision_intermediate
-    return sum(4 * t * dv * dv + 2 * t * t * dv + 2 * t * dv * mv for t in trace.vision)
+    per_frame = sum(4 * t * dv * dv + 2 * t * t * dv + 2 * t * dv * mv for t in trace.vision)
+    return per_frame * trace.vision_frames  # a video's frames run through the encoder one by one
 
 
 def patch_embed_macs(arch: Architecture, trace: TokenTrace) -> int:

@@ -27,14 +27,16 @@ from tokenbench.tiny_models import (
     LLAVA_IMAGE_TOKEN,
     ONEVISION_VIDEO_TOKEN,
     QWEN_SPECIAL,
+    VIDEO_LLAVA_VIDEO_TOKEN,
     llava_next_processor,
     llava_processor,
     llava_tokenizer,
     onevision_tokenizer,
     qwen_tokenizer,
+    video_llava_processor,
 )
 
-SUPPORTED = ("llava", "qwen2_vl", "llava_next", "llava_onevision")
+SUPPORTED = ("llava", "qwen2_vl", "llava_next", "llava_onevision", "video_llava")
 
 
 SHIPPED = Path(__file__).resolve().parent / "configs"
@@ -131,6 +133,13 @@ def _processor(raw: dict[str, Any]) -> tuple[Any, dict[str, int]]:
             "image_token_id": tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
             "video_token_id": tokenizer.convert_tokens_to_ids(ONEVISION_VIDEO_TOKEN),
             "pad_token_id": tokenizer.pad_token_id}
+    if raw["model_type"] == "video_llava":
+        vision = raw["vision_config"]
+        processor = video_llava_processor(vision.get("image_size", 224))
+        tokenizer = processor.tokenizer
+        return processor, {"image_token_id": tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                           "video_token_id": tokenizer.convert_tokens_to_ids(VIDEO_LLAVA_VIDEO_TOKEN),
+                           "pad_token_id": tokenizer.pad_token_id}
     if raw["model_type"] == "llava":
         vision = raw["vision_config"]
         tokenizer = llava_tokenizer()

@@ -341,16 +341,17 @@ class Harness:
         return {label: [self.store.get(k) for k in ks] for label, ks in keys.items()}  # type: ignore[misc]
 
     def _prompt(self, sample: Sample, cache: dict[str, Prompt | str]) -> Prompt | str:
-        """The sample's prompt with its decoded image, or the decoding error (once per chunk, and
-        once per run for the kept samples)."""
+        """The sample's prompt with its decoded image (or video frames), or the decoding error (once
+        per chunk, and once per run for the kept samples)."""
         if sample.id not in cache:
             if sample.id in self._kept:
                 cache[sample.id] = self._kept[sample.id]
                 return cache[sample.id]
             try:
-                cache[sample.id] = Prompt(sample.load_image(), sample.prompt, key=sample.id)
-            except Exception as exc:  # noqa: BLE001 -- a broken image fails its sample only
-                cache[sample.id] = f"image: {_describe(exc)}"
+                cache[sample.id] = Prompt(sample.load_image(), sample.prompt, key=sample.id,
+                                          video=sample.load_video())
+            except Exception as exc:  # noqa: BLE001 -- a broken image or video fails its sample only
+                cache[sample.id] = f"{'video' if sample.video is not None else 'image'}: {_describe(exc)}"
         return cache[sample.id]
 
     def _run_batch(self, task: Task, arm: Arm, compressor: TokenCompressor | None,

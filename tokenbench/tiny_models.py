@@ -18,15 +18,17 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 
-def simple_chat_template(image_token: str = "<image>") -> str:
+def simple_chat_template(image_token: str = "<image>", video_token: str | None = None) -> str:
     """A plain ``ROLE: text`` chat template; ``{"type": "image"}`` content items render as
-    ``image_token`` (the processor then expands it to one placeholder per visual token)."""
+    ``image_token`` (the processor then expands it to one placeholder per visual token), and
+    ``{"type": "video"}`` items as ``video_token`` where one is given."""
     return (
         "{% for message in messages %}"
         "{{ message['role'] | upper }}: "
         "{% if message['content'] is string %}{{ message['content'] }}"
         "{% else %}{% for item in message['content'] %}"
         "{% if item['type'] == 'image' %}" + image_token + " {% endif %}"
+        + ("{% if item['type'] == 'video' %}" + video_token + " {% endif %}" if video_token else "") +
         "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
         "{% endfor %}{% endif %} "
         "{% endfor %}"
@@ -105,7 +107,8 @@ def llava_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = 336, p
 def qwen_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with Qwen2-VL's vision special tokens and a plain chat template."""
     return word_level_tokenizer(words, special_tokens=QWEN_SPECIAL,
-                                chat_template=simple_chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
+                                chat_template=simple_chat_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                                                   "<|vision_start|><|video_pad|><|vision_end|>"),
                                 extra_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                                   "vision_start_token": "<|vision_start|>",
                                                   "vision_end_token": "<|vision_end|>"})
@@ -136,6 +139,124 @@ def tiny_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, v
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
+    return directory
+
+
+VIDEO_LLAVA_VIDEO_TOKEN = "<video>"
+
+
+def video_llava_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Video-LLaVA's ``<image>`` and ``<video>`` tokens."""
+    return word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN, VIDEO_LLAVA_VIDEO_TOKEN],
+                                extra_attributes={"image_token": LLAVA_IMAGE_TOKEN,
+                                                  "video_token": VIDEO_LLAVA_VIDEO_TOKEN})
+
+
+def video_llava_processor(image_size: int = 224, words: Sequence[str] = DEFAULT_WORDS) -> Any:
+    """What the ``video_llava`` adapter needs of a processor, built offline: a word-level tokenizer
+    with ``<image>`` / ``<video>`` and Video-LLaVA's image processor at ``image_size``."""
+    from transformers import VideoLlavaImageProcessor
+
+    from tokenbench.adapters.qwen2_vl import ProcessorParts
+
+    image_processor = VideoLlavaImageProcessor(size={"shortest_edge": image_size},
+                                               crop_size={"height": image_size, "width": image_size})
+    return ProcessorParts(video_llava_tokenizer(words), image_processor)
+
+
+def tiny_video_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, vision_layers: int = 3,
+                     llm_layers: int = 4, image_size: int = 224, seed: int = 0) -> Path:
+    """A random-weight Video-LLaVA-shaped model: CLIP-shaped video and image towers at
+    ``image_size`` px, patch 14 (16×16 = 256 patches per frame at 224 px, plus CLS),
+    ``vision_feature_layer=-2``, a 2-layer MLP projector and a GQA Llama decoder of hidden size 64.
+    Saved with its tokenizer and image processor (frames are preprocessed by the image processor);
+    ``AutoProcessor`` builds a ``VideoLlavaProcessor`` where torchvision is installed."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        VideoLlavaConfig,
+        VideoLlavaForConditionalGeneration,
+    )
+
+    directory = Path(directory)
+    processor = video_llava_processor(image_size, words)
+    tokenizer = processor.tokenizer
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=2, image_size=image_size, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=llm_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    side = image_size // 14
+    config = VideoLlavaConfig(vision_config=vision, text_config=text,
+                              image_token_id=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+                              video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_LLAVA_VIDEO_TOKEN),
+                              vision_feature_layer=-2, vision_feature_select_strategy="default",
+                              image_seq_length=side * side, video_seq_length=8 * (side * side + 1),
+                              pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    processor.image_processor.save_pretrained(directory)
+    return directory
+
+
+def video_llava_from_llava(source: str | Path, directory: str | Path) -> Path:
+    """A Video-LLaVA checkpoint made from a LLaVA-1.5-architecture one (e.g. ``tiny-llava-shapes``), to
+    train a video model from: its CLIP tower becomes both the image and the video tower, its
+    projector and decoder are kept, and a ``<video>`` token is added (the embedding and LM-head
+    rows grow by one; every other row is unchanged). On images it computes what the source model
+    does. Saved with the tokenizer and an image processor with the source's preprocessing."""
+    from transformers import (
+        AutoProcessor,
+        LlavaForConditionalGeneration,
+        VideoLlavaConfig,
+        VideoLlavaForConditionalGeneration,
+        VideoLlavaImageProcessor,
+    )
+
+    directory = Path(directory)
+    llava = LlavaForConditionalGeneration.from_pretrained(source).eval()
+    processor = AutoProcessor.from_pretrained(source)
+    tokenizer = processor.tokenizer
+    tokenizer.add_tokens([VIDEO_LLAVA_VIDEO_TOKEN], special_tokens=True)
+    config = llava.config
+    text = config.text_config.to_dict() | {"vocab_size": len(tokenizer)}
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    video_config = VideoLlavaConfig(
+        vision_config=vision.to_dict(), text_config=text, image_token_id=config.image_token_id,
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_LLAVA_VIDEO_TOKEN),
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        projector_hidden_act=config.projector_hidden_act, image_seq_length=side * side,
+        video_seq_length=8 * (side * side + 1), pad_token_id=config.pad_token_id,
+        tie_word_embeddings=config.tie_word_embeddings)
+    model = VideoLlavaForConditionalGeneration(video_config).eval()
+    parts = model.model
+    with torch.no_grad():
+        for tower in (parts.image_tower, parts.video_tower):
+            tower.load_state_dict(llava.model.vision_tower.state_dict())
+        parts.multi_modal_projector.load_state_dict(llava.model.multi_modal_projector.state_dict())
+        rows = config.text_config.vocab_size
+        decoder = parts.language_model.state_dict()  # views of the parameters
+        for name, value in llava.model.language_model.state_dict().items():
+            decoder[name][: value.shape[0]].copy_(value)  # only the embedding grows (by the new row)
+        embed = parts.language_model.embed_tokens.weight
+        embed[rows:] = embed[:rows].mean(dim=0)
+        model.lm_head.weight[:rows] = llava.lm_head.weight
+        model.lm_head.weight[rows:] = llava.lm_head.weight.mean(dim=0)
+    model.generation_config = llava.generation_config
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    source_images = processor.image_processor
+    VideoLlavaImageProcessor(
+        size=dict(source_images.size), crop_size=dict(source_images.crop_size),
+        resample=source_images.resample, image_mean=list(source_images.image_mean),
+        image_std=list(source_images.image_std), do_center_crop=source_images.do_center_crop,
+    ).save_pretrained(directory)
     return directory
 
 

@@ -60,6 +60,8 @@ class TokenTrace:
     - ``prompt_tokens`` / ``generated_tokens``: text lengths for FLOPs and decode accounting.
     - ``projector_tokens``: set where the projector runs on more tokens than reach the LLM
       uncompressed (LLaVA-OneVision projects every crop patch before unpadding and pooling).
+    - ``vision_frames``: pictures each vision block of ``vision`` runs on, one after another (a
+      video's frames, encoded frame by frame); ``vision`` counts one frame's tokens.
     """
 
     n_visual: int
@@ -73,6 +75,7 @@ class TokenTrace:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     projector_tokens: int | None = None  # tokens the projector ran on, where it runs before any site can act
+    vision_frames: int = 1
 
     @property
     def realised_tokens(self) -> float:

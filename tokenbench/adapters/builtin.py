@@ -7,6 +7,7 @@ from tokenbench.adapters.llava import LlavaAdapter
 from tokenbench.adapters.llava_next import LlavaNextAdapter
 from tokenbench.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenbench.adapters.qwen2_vl import Qwen2VLAdapter
+from tokenbench.adapters.video_llava import VideoLlavaAdapter
 
 
 @tokenbench.hookimpl
@@ -15,3 +16,4 @@ def register_adapters(register):
     register(Qwen2VLAdapter)
     register(LlavaNextAdapter)
     register(LlavaOnevisionAdapter)
+    register(VideoLlavaAdapter)

@@ -214,7 +214,7 @@ class StagedPrefill:
 
     def __init__(self, decoder: Decoder, compressor: TokenCompressor | None, llm_sites: dict[int, int],
                  grid: tuple[int, int], generator: torch.Generator | None, traces: list[TokenTrace],
-                 position_policy: str, crops: CropLayout | None = None, *,
+                 position_policy: str, crops: CropLayout | None = None, frames: int = 1, *,
                  generators: list[torch.Generator] | None = None) -> None:
         self.decoder = decoder
         self.compressor = compressor
@@ -225,6 +225,7 @@ class StagedPrefill:
         self.traces = traces
         self.policy = position_policy
         self.crops = crops
+        self.frames = frames
         needs = compressor.needs if compressor is not None else frozenset()
         self.wants_probe = bool({"attention", "keys"} & set(needs)) and compressor.attention_source == "previous"
         self.input_visual: torch.Tensor | None = None  # the visual tokens entering layer 0
@@ -300,7 +301,7 @@ class StagedPrefill:
         block = VisualBlock(_rows(seq.hidden, visual_rows), seq.block.origin.gather(1, visual_at),
                             seq.block.sizes.gather(1, visual_at))
         applied = run_site(self.compressor, site, keep, block, self.grid, self.generator, self.crops,
-                           generators=self.generators, **signals)
+                           frames=self.frames, generators=self.generators, **signals)
         if seq.n_newlines:
             span = VisualBlock(_rows(seq.hidden, seq.span_index()), seq.block.origin, seq.block.sizes,
                                seq.block.line)

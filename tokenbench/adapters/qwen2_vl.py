@@ -9,6 +9,15 @@ Positions: the 3-D M-RoPE ids and ``rope_deltas`` come from the model's own ``ge
 the full (uncompressed) prompt; every surviving token keeps its original 3-D id, whatever the
 method's ``positions`` policy, and decoding continues at ``max id + 1`` exactly as the stock
 ``rope_deltas`` arithmetic does for the uncompressed prompt.
+
+Video (``Prompt.video``, spec wave 2 §20 E8): the frames go through the stock ``get_video_features``
+with ``video_grid_thw``; Qwen merges 2 frames per temporal step, so ``ModelInfo.frames`` is the
+temporal grid t (an odd frame count repeats the last frame, as the video processor does), ``grid``
+is one step's merged (h, w) and the visual tokens are frame-major. Kept tokens keep their 3-D
+(t, h, w) M-RoPE ids. Where the checkpoint's processor has a video processor (it needs torchvision)
+it preprocesses the frames; otherwise each frame goes through the image processor (its resize rule,
+not the video processor's pixel limits) and pairs of frames are stacked into temporal patches in the
+video processor's layout.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ class Qwen2VLAdapter(StagedAdapter):
     stages = frozenset({Stage.PROJECTOR, Stage.LLM})
     description = "Qwen2-VL / Qwen2.5-VL: dynamic-resolution ViT, 2×2 patch merger, M-RoPE decoder"
     fixed_position_policy = "original"
+    accepts_video = True
     #: The signals each stage serves (``ModelInfo.signals``). The encoder has no CLS token, so no
     #: ``cls_attention`` / ``cls_token``; ``attention_received`` comes from the last ViT block.
     served_signals: ClassVar[dict[Stage, frozenset[str]]] = {
@@ -86,7 +96,8 @@ class Qwen2VLAdapter(StagedAdapter):
         model = load_checkpoint(path, cls.model_types, dtype, attn, device)
         return cls(model, load_processor(path))
 
-    def info(self, n_visual: int | None = None, grid: tuple[int, int] | None = None) -> ModelInfo:
+    def info(self, n_visual: int | None = None, grid: tuple[int, int] | None = None,
+             frames: int = 1) -> ModelInfo:
         config = self.model.config
         text, vision = config.text_config, config.vision_config
         if grid is None:
@@ -106,7 +117,11 @@ class Qwen2VLAdapter(StagedAdapter):
             vision_tokens=patches, projector_in=merged, projector_hidden=merged,
             gated_mlp=True, patch_in=vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2,
             patches_per_token=self.merge ** 2)
-        return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch, self.served_signals)
+        return ModelInfo(self.name, self.stages, grid, n_visual or grid[0] * grid[1], arch, self.served_signals,
+                         frames=frames)
+
+    def _info_of(self, encoded: Encoded) -> ModelInfo:
+        return self.info(encoded.n_visual, grid=encoded.grid, frames=encoded.frames)
 
     def unserved_signal_reason(self, compressor: TokenCompressor,
                                plan: Sequence[tuple[Site, int]]) -> str | None:
@@ -119,9 +134,13 @@ class Qwen2VLAdapter(StagedAdapter):
         return super().unserved_signal_reason(compressor, plan)
 
     def _batch_key(self, prompt: Prompt) -> Any:
+        if prompt.video is not None:
+            return ("video", len(prompt.video), prompt.video[0].size)
         return prompt.image.size if prompt.image is not None else None
 
     def _encode(self, prompts: Sequence[Prompt]) -> Encoded:
+        if any(p.video is not None for p in prompts):
+            return self._encode_videos(prompts)
         processor = self.processor
         images = processor.image_processor(images=[p.image for p in prompts], return_tensors="pt")
         grid_thw = images["image_grid_thw"]
@@ -146,6 +165,53 @@ class Qwen2VLAdapter(StagedAdapter):
                                    "image_grid_thw": grid_thw}, image_id,
                        (t * h // self.merge, w // self.merge), positions=positions)
 
+    def _encode_videos(self, prompts: Sequence[Prompt]) -> Encoded:
+        if any(p.video is None or len(p.video) != len(prompts[0].video) for p in prompts):
+            raise AdapterError("a batch must hold videos of one frame count (no images); generate() groups them")
+        processor = self.processor
+        pixels, grid_thw = zip(*(self._video_pixels(p.video) for p in prompts))
+        grid_thw = torch.cat(grid_thw)
+        if len({tuple(g) for g in grid_thw.tolist()}) != 1:
+            raise AdapterError("a batch must hold videos of one frame size; generate() groups them for you")
+        count = int(grid_thw[0].prod()) // self.merge ** 2
+        video_token = getattr(processor.tokenizer, "video_token", None) or "<|video_pad|>"
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": p.text}]}],
+            add_generation_prompt=True, tokenize=False).replace(video_token, video_token * count, 1) for p in prompts]
+        batch = processor.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        device = self.device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        video_id = self.model.config.video_token_id
+        grid_thw = grid_thw.to(device)
+        positions, _ = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=2 * (ids == video_id).int(), video_grid_thw=grid_thw, attention_mask=mask)
+        t, h, w = grid_thw[0].tolist()
+        return Encoded(ids, mask, {"pixel_values_videos": torch.cat(pixels).to(device, self.dtype),
+                                   "video_grid_thw": grid_thw}, video_id,
+                       (h // self.merge, w // self.merge), positions=positions, frames=t)
+
+    def _video_pixels(self, frames: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One video's ``pixel_values_videos`` [t·h·w, C·2·p·p] and ``video_grid_thw`` [1, 3]."""
+        video_processor = getattr(self.processor, "video_processor", None)
+        if video_processor is not None:
+            out = video_processor(videos=[list(frames)], return_tensors="pt")
+            return out["pixel_values_videos"], out["video_grid_thw"]
+        images = self.processor.image_processor(images=list(frames), return_tensors="pt")
+        grid = images["image_grid_thw"]
+        if len({tuple(g) for g in grid.tolist()}) != 1:
+            raise AdapterError("every frame of a video needs the same size")
+        config = self.model.config.vision_config
+        step, patch = config.temporal_patch_size, config.patch_size
+        n = int(grid[0, 1] * grid[0, 2])
+        # the image processor repeats each frame over the temporal patch; keep one copy per frame
+        single = images["pixel_values"].view(len(frames), n, -1, step, patch, patch)[:, :, :, 0]
+        if pad := -len(frames) % step:
+            single = torch.cat([single, single[-1:].expand(pad, *single.shape[1:])])
+        t = single.shape[0] // step
+        # temporal patch k holds frames step·k ... step·k+step−1 along its T axis: (C, T, ph, pw)
+        paired = single.view(t, step, n, -1, patch, patch).permute(0, 2, 3, 1, 4, 5)
+        return paired.reshape(t * n, -1), torch.tensor([[t, int(grid[0, 1]), int(grid[0, 2])]])
+
     def _visual_tokens(self, encoded: Encoded, plan: Plan, sequence: TokenSequence,
                        traces: list[TokenTrace]) -> VisualBlock:
         inputs = encoded.image_inputs
@@ -158,28 +224,33 @@ class Qwen2VLAdapter(StagedAdapter):
         if "attention_received" in needs:  # the last block's inputs, to recompute its attention
             hook = visual.blocks[-1].register_forward_pre_hook(
                 lambda module, args, kwargs: captured.update(args=args, kwargs=kwargs), with_kwargs=True)
+        video = "pixel_values_videos" in inputs
+        grid_thw = inputs["video_grid_thw" if video else "image_grid_thw"]
         try:
-            features = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            if video:
+                features = self.model.model.get_video_features(inputs["pixel_values_videos"], grid_thw)
+            else:
+                features = self.model.model.get_image_features(inputs["pixel_values"], grid_thw)
         finally:
             if hook is not None:
                 hook.remove()
         merged = torch.stack(list(features.pooler_output)).to(self.dtype)
-        tokens = merged.shape[1] * self.merge ** 2
+        tokens = merged.shape[1] * self.merge ** 2 // encoded.frames  # per temporal step: attention stays in it
         depth = self.model.config.vision_config.depth
         eager = self.model.config.vision_config._attn_implementation == "eager"
         for trace in traces:
+            trace.vision_frames = encoded.frames
             trace.vision.extend([tokens] * depth)
             trace.eager_attention_calls += depth * int(eager)
         block = VisualBlock.fresh(merged)
         if keep:
             signals = {"text": sequence.text_after_image()} if "text" in needs else {}
             if "attention_received" in needs:
-                signals["attention_received"] = self._received_attention(captured, inputs["image_grid_thw"],
-                                                                         merged.shape[:2])
+                signals["attention_received"] = self._received_attention(captured, grid_thw, merged.shape[:2])
                 for trace in traces:
-                    trace.probe_rows += tokens
+                    trace.probe_rows += tokens * encoded.frames
             block = run_site(compressor, Site(Stage.PROJECTOR), keep[0], block, encoded.grid, plan.generator,
-                             generators=plan.generators, **signals).block
+                             frames=encoded.frames, generators=plan.generators, **signals).block
         return block
 
     def _received_attention(self, captured: dict[str, Any], grid_thw: torch.Tensor,

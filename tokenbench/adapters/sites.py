@@ -68,11 +68,12 @@ class Applied:
 
 
 def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBlock, grid: tuple[int, int],
-             generator: torch.Generator | None, crops: CropLayout | None = None, *,
+             generator: torch.Generator | None, crops: CropLayout | None = None, frames: int = 1, *,
              generators: list[torch.Generator] | None = None,
              **signals: torch.Tensor | None) -> Applied:
     """Call ``compressor.reduce`` on ``block`` with the given signals and apply its reduction;
-    ``crops`` fills the per-crop fields of the :class:`SiteInput` for multi-crop images."""
+    ``crops`` fills the per-crop fields of the :class:`SiteInput` for multi-crop images, ``frames``
+    the frame count of a video (``grid`` is then one frame's)."""
     fields = {field: need for need in compressor.needs for field in SIGNAL_FIELDS.get(need, (need,))}
     wanted = {name: value for name, value in signals.items() if name in fields}
     missing = sorted({need for field, need in fields.items() if wanted.get(field) is None})
@@ -84,7 +85,8 @@ def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBl
                            "schedule it at another stage")
     geometry = {} if crops is None else {"crops": crops.grids, "crop_origin": crops.of(block.origin)}
     x = SiteInput(visual=block.tokens, origin=block.origin, grid=grid, keep=keep, site=site,
-                  generator=generator, sizes=block.sizes, generators=generators, **wanted, **geometry)
+                  generator=generator, sizes=block.sizes, frames=frames, generators=generators, **wanted,
+                  **geometry)
     reduction = compressor.reduce(x)
     try:
         reduction.check(x)

@@ -49,10 +49,11 @@ class Encoded:
     visual_count: int | None = None
     span_count: int | None = None
     crops: CropLayout | None = None
+    frames: int = 1  # frames of a video (frame-major tokens, ``grid`` is one frame's), 1 for an image
 
     @property
     def n_visual(self) -> int:
-        return self.visual_count or self.grid[0] * self.grid[1]
+        return self.visual_count or self.frames * self.grid[0] * self.grid[1]
 
     @property
     def n_span(self) -> int:
@@ -109,6 +110,8 @@ class StagedAdapter(VLMAdapter):
 
     #: Position policy forced by the family (Qwen2-VL keeps M-RoPE ids), else the method's choice.
     fixed_position_policy: ClassVar[str | None] = None
+    #: Whether the family takes video prompts (``Prompt.video``); the others refuse them.
+    accepts_video: ClassVar[bool] = False
 
     def batchable(self, compressor: TokenCompressor | None) -> bool:
         """Batches need one query row per sample: ``text`` signals and ``text``/``all`` attention
@@ -147,8 +150,11 @@ class StagedAdapter(VLMAdapter):
     def run(self, prompts: Sequence[Prompt], *, compressor: TokenCompressor | None = None,
             budget: Budget | None = None, max_new_tokens: int = 8, seed: int = 0) -> Run:
         """Generate for one batch (equal visual-token counts) and keep the internals tests check."""
-        if any(p.image is None for p in prompts):
-            raise AdapterError("every prompt needs an image; text-only prompts are not supported")
+        if any(p.image is None and p.video is None for p in prompts):
+            raise AdapterError("every prompt needs an image or a video; text-only prompts are not supported")
+        if not self.accepts_video and any(p.video is not None for p in prompts):
+            raise AdapterError(f"the {self.name} adapter takes images only, not video; use a video model "
+                               "(e.g. video_llava)")
         keys = [p.draw_key() for p in prompts] if compressor is not None and compressor.stochastic else None
         encoded = self._encode(prompts)
         encoded.texts = [p.text for p in prompts]
@@ -173,7 +179,8 @@ class StagedAdapter(VLMAdapter):
             with timer.phase("prefill"):
                 sequence = splice(sequence, self._span(encoded, block), policy)
                 prefill = StagedPrefill(decoder, compressor, plan.at(Stage.LLM), encoded.grid, plan.generator,
-                                        traces, policy, encoded.crops, generators=plan.generators).run(sequence)
+                                        traces, policy, encoded.crops, encoded.frames,
+                                        generators=plan.generators).run(sequence)
             with timer.phase("decode"):
                 tokens, logits = greedy_decode(decoder, prefill, max_new_tokens, self._eos_ids())
         return Run(self._generations(tokens, traces, timer.ms), tokens, logits, prefill.layer_positions)
