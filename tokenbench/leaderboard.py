@@ -301,13 +301,23 @@ def plot_points(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]
     return {method: sorted(by_method[method], key=lambda p: p["flops"]) for method in order}
 
 
+def method_colours() -> list[tuple[float, float, float]]:
+    """Twenty distinguishable colours (matplotlib's tab20, dark shades first), so that up to twenty
+    methods on one plot never share one."""
+    from matplotlib import colormaps
+
+    shades = colormaps["tab20"].colors
+    return [*shades[0::2], *shades[1::2]]
+
+
 def draw_plot(ax: Any, runs: Sequence[dict[str, Any]], title: str) -> None:
     """Relative accuracy against prefill FLOPs on ``ax``: one colour per method, each point labelled
     with its budget, the bootstrap CI as error bars, over-budget points hollow and off the line."""
     scale, unit = flops_unit(runs)
-    colours: dict[str, str] = {}
+    colours: dict[str, Any] = {}
+    palette = method_colours()
     for method, points in plot_points(runs).items():
-        colour = "black" if method == BASELINE else f"C{len(colours) % 10}"
+        colour = "black" if method == BASELINE else palette[len(colours) % len(palette)]
         if method != BASELINE:
             colours[method] = colour
         label = "uncompressed" if method == BASELINE else method
