@@ -37,7 +37,7 @@ def slow_ttm(x: torch.Tensor, frames: int, k: float, skip_last_group: bool = Fal
     for row in x.double():
         frame = [row[t * n:(t + 1) * n] for t in range(frames)]
 
-        def least_similar(t: int, ref: int) -> list[int]:
+        def least_similar(t: int, ref: int, frame=frame) -> list[int]:
             cos = [float(frame[t][i] @ frame[ref][i] / (frame[t][i].norm() * frame[ref][i].norm()))
                    for i in range(n)]
             return sorted(sorted(range(n), key=lambda i: cos[i])[:m])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from fractions import Fraction
 
@@ -22,7 +23,7 @@ def scene_video(batch: int, n: int, width: int = 32, seed: int = 0, cuts=(0, 5, 
     (a shared token plus small noise), the others change every frame."""
     gen = torch.Generator().manual_seed(seed)
     frames = []
-    for start, end in zip(cuts[:-1], cuts[1:]):
+    for start, end in itertools.pairwise(cuts):
         base = torch.randn(batch, n, width, generator=gen)
         static = (torch.rand(batch, n, 1, generator=gen) < 0.6).float()
         for _ in range(start, end):
@@ -180,7 +181,7 @@ def test_dynamic_programme_matches_brute_force_on_random_savings():
         return max(savings[start, end].item() + best(end + 1) for end in range(start, 7))
     assert saved == best(0)
     assert segments[0][0] == 0 and segments[-1][1] == 6
-    assert all(a[1] + 1 == b[0] for a, b in zip(segments, segments[1:]))
+    assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(segments))
     assert saved == sum(savings[s, e].item() for s, e in segments)
 
 
