@@ -30,8 +30,17 @@ Budget (spec §17.6): one site keeps ``round(budget)`` tokens of all frames (ρ 
 site is ``projector`` where the adapter serves ``attention_received`` there (the reference works on
 post-projector, pooled features), else ``vision_out``. When the static collapse leaves fewer tokens
 than the budget (ρ' = 1), every remaining token is kept, so the realised count is below the plan:
-a data-dependent count (``adaptive_count``: adapters run one video at a time). The inner-LLM merge
-(§17.4) is not implemented; with it off the reference's ρ is budget/N, as here.
+a data-dependent count (``adaptive_count``: adapters run one video at a time).
+
+Inner-LLM merge (§17.4, ``inner_merge=true``; off by default, as in the reference without
+``HOLITOM_k``): before decoder layer k (``inner_layer`` 18 of 28 as in the scripts, scaled to the
+model's depth) the visual tokens the last prompt token attends to most in layer k−1 survive
+(``inner_ratio`` r = 0.5 drops half), keeping their original position ids. Every dropped token u picks
+its most cosine-similar survivor t (similarities taken once, before any merge), and the survivors
+absorb their sources in index order, x_t ← (x_t + x_u)/2 each time, so a target with sources
+u_1 < … < u_m becomes x_t/2^m + Σ_i x_{u_i}/2^(m−i+1) (computed at once here). Budget: the outer
+count V1 and the inner one V2 = round(V1·(1 − r)) satisfy (k·V1 + (L − k)·V2)/L = budget
+(ρ = budget / (0.821·N) on Qwen2-7B). Class ``probe`` either way (one attention row).
 
 Deviations from the reference (cokeshao/HoliTom @e9b2972, ``holitom/llava_arch.py``):
 
@@ -48,6 +57,10 @@ Deviations from the reference (cokeshao/HoliTom @e9b2972, ``holitom/llava_arch.p
 - Ties elsewhere (received attention, scores, nearest centre) go to the lower index.
 - Order: the LLaVA-OV assembly lists static tokens before each segment's dynamic ones; the contract
   keeps tokens in original order (the LLaVA-Video assembly's order).
+- Inner merge: the reference ranks and merges batch element 0 only, with the video span of the first
+  sample, and merges in the model dtype one source at a time; here each row uses its own attention
+  and span, and the closed form runs in fp32 before the cast back. It keeps the plan's count V2
+  (equal to the reference's round(V·(1 − r)) unless the outer stage kept fewer than V1).
 - Images (one frame): the reference leaves images untouched. Here an image is one single-frame
   segment, so HoliTom reduces to a top-k on received attention (a FasterVLM-like extension, not a
   reproduction).
@@ -185,6 +198,17 @@ class HoliTom(TokenCompressor):
                                                                "that are DPC clusters (D; reference 0)")
         k_neighbors: int = Field(7, ge=1, description="neighbours of the DPC-kNN density (K)")
         max_window: int = Field(1024, ge=2, description="longest temporal segment, in frames")
+        inner_merge: bool = Field(False, description="also merge inside the LLM (HOLITOM_k / HOLITOM_r)")
+        inner_layer: int = Field(18, ge=1, description="first decoder layer after the inner merge, of a "
+                                                       "28-layer LLM (scaled to the model's depth)")
+        inner_ratio: float = Field(0.5, ge=0, lt=1, description="share of the visual tokens the inner "
+                                                                "merge drops (HOLITOM_r)")
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        if self.options.inner_merge:
+            self.needs = self.needs | {"attention"}
+            self.stages = (*self.stages, Stage.LLM)
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
         keep = round(budget)
@@ -196,16 +220,38 @@ class HoliTom(TokenCompressor):
         if info.frames > 1 and per_frame * info.frames != n_visual:
             raise Infeasible(f"holitom needs {info.frames} full frames of {per_frame} tokens, but the "
                              f"{info.family} adapter reports {n_visual} visual tokens")
+        if self.options.inner_merge:
+            return self._two_stage_plan(n_visual, budget, info)
+        return [(self._outer_site(info), keep)]
+
+    def site_needs(self, site: Site) -> frozenset[str]:
+        return frozenset({"attention"} if site.stage is Stage.LLM else {"attention_received"})
+
+    def _outer_site(self, info: ModelInfo) -> Site:
         if Stage.PROJECTOR in info.stages and info.serves("attention_received", Stage.PROJECTOR):
-            return [(Site(Stage.PROJECTOR), keep)]
+            return Site(Stage.PROJECTOR)
         if Stage.VISION_OUT in info.stages and info.serves("attention_received", Stage.VISION_OUT):
-            return [(Site(Stage.VISION_OUT), keep)]
-        return [(pre_llm_site(info), keep)]  # the signal check then names what is missing
+            return Site(Stage.VISION_OUT)
+        return pre_llm_site(info)  # the signal check then names what is missing
+
+    def _two_stage_plan(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
+        if Stage.LLM not in info.stages:
+            raise Infeasible(f"holitom: the {info.family} adapter offers no llm stage for the inner merge; "
+                             "run with inner_merge=false")
+        layers, layer, kept = info.llm_layers, info.scale_layer(self.options.inner_layer, of=28), 1 - self.options.inner_ratio
+        outer = round(budget * layers / (layer + (layers - layer) * kept))
+        if outer >= n_visual:
+            raise Infeasible(f"holitom: with the inner merge at layer {layer}, a budget of {budget:g} needs "
+                             f"more than all {n_visual} tokens before it; run with inner_merge=false")
+        inner = max(1, round(outer * kept))
+        return [(self._outer_site(info), outer), (Site(Stage.LLM, layer), inner)]
 
     def reduce(self, x: SiteInput) -> Reduction:
         batch, n, _ = x.visual.shape
         if x.keep >= n:
             return Reduction(torch.arange(n, device=x.visual.device).expand(batch, n).clone())
+        if x.site.stage is Stage.LLM:
+            return self._inner_merge(x)
         if x.attention_received is None:
             raise ValueError("holitom needs the attention_received signal (received attention of the "
                              "vision encoder's selected block)")
@@ -261,6 +307,28 @@ class HoliTom(TokenCompressor):
         index = torch.cat(indices)
         order = index.argsort()
         return index[order], torch.cat(values)[order]
+
+    def _inner_merge(self, x: SiteInput) -> Reduction:
+        """§17.4: keep the most-attended tokens; halve each dropped token into its nearest survivor."""
+        if x.attention is None:
+            raise ValueError("holitom's inner merge needs the attention signal (last prompt token's row)")
+        hidden = x.visual.float()
+        if not torch.isfinite(hidden).all():
+            raise ValueError("holitom: input contains NaN or infinite values; check the model upstream")
+        dims = hidden.shape[2]
+        ranked = x.attention.float().mean(dim=1).argsort(dim=1, descending=True, stable=True)
+        targets = ranked[:, :x.keep].sort(dim=1).values
+        sources = ranked[:, x.keep:].sort(dim=1).values  # merged in index order
+        target_rows, source_rows = (hidden.gather(1, i.unsqueeze(2).expand(-1, -1, dims)) for i in (targets, sources))
+        similarity = F.normalize(source_rows, dim=2) @ F.normalize(target_rows, dim=2).transpose(1, 2)
+        owner = similarity.argmax(dim=2)  # [B, U], first target on ties
+        # m_t sources per target; the i-th of them (1-based, index order) weighs 2^-(m_t - i + 1)
+        one_hot = F.one_hot(owner, x.keep).float()  # [B, U, K]
+        later = one_hot.flip(1).cumsum(dim=1).flip(1)  # sources of the same target at or after u
+        weight = torch.exp2(-(later * one_hot).sum(dim=2))  # [B, U]
+        count = one_hot.sum(dim=1)  # [B, K]
+        merged = target_rows * torch.exp2(-count).unsqueeze(2) + one_hot.mul(weight.unsqueeze(2)).transpose(1, 2) @ source_rows
+        return Reduction(targets, merged.to(x.visual.dtype))
 
     def _dynamic(self, tokens: torch.Tensor, received: torch.Tensor, positions: torch.Tensor,
                  share: int) -> tuple[torch.Tensor, torch.Tensor]:

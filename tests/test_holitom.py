@@ -10,7 +10,8 @@ import pytest
 import torch
 from tokenbench.methods.holitom import HoliTom, segment_frames, window_savings
 
-from tokenbench import ModelInfo, Site, SiteInput, Stage
+from tokenbench import Infeasible, ModelInfo, Site, SiteInput, Stage, layer_averaged_tokens
+from tokenbench.compressor import check_signals
 from tokenbench.testing import LLAVA_15, QWEN2_VL, VIDEO_LLAVA, check_compressor
 
 LLAVA_OV = ModelInfo(family="llava_onevision", stages=frozenset({Stage.PROJECTOR, Stage.LLM}), grid=(14, 14),
@@ -245,3 +246,59 @@ def test_degenerate_inputs():
 def test_contract_and_class():
     assert HoliTom().flash_attention == "probe" and HoliTom.needs == {"attention_received"}
     check_compressor(HoliTom, models=[VIDEO_LLAVA, LLAVA_OV, LLAVA_15, QWEN2_VL])
+
+
+# ---- the inner-LLM merge (§17.4) ----
+
+def slow_inner_merge(hidden, attention, keep):
+    """§17.4 step 2 literally: top-``keep`` by the last row's attention; each dropped token, in index
+    order, halves itself into its most cosine-similar survivor (similarities taken before merging)."""
+    rows = [h.double().clone() for h in hidden]
+    ranked = sorted(range(len(rows)), key=lambda i: -float(attention[i]))
+    kept = sorted(ranked[:keep])
+    nearest = {u: max(kept, key=lambda t: (_cos(rows[u], rows[t]), -kept.index(t))) for u in ranked[keep:]}
+    for u in sorted(ranked[keep:]):
+        rows[nearest[u]] = (rows[nearest[u]] + rows[u]) / 2
+    return kept, torch.stack([rows[t] for t in kept])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_inner_merge_matches_the_sequential_reference(batch):
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(batch, 300, 48, generator=gen)
+    attention = torch.rand(batch, 1, 300, generator=gen)
+    x = SiteInput(visual=hidden, origin=torch.arange(300).expand(batch, 300).clone(), grid=(16, 16), keep=150,
+                  site=Site(Stage.LLM, 18), attention=attention)
+    out = HoliTom(inner_merge=True).reduce(x)
+    for b in range(batch):
+        kept, values = slow_inner_merge(hidden[b], attention[b, 0], 150)
+        assert out.keep[b].tolist() == kept
+        torch.testing.assert_close(out.values[b].double(), values, rtol=1e-5, atol=1e-6)
+
+
+def test_inner_merge_plan_meets_the_budget_and_keeps_positions():
+    qwen2_7b = ModelInfo(family="llava_onevision", stages=LLAVA_OV.stages, grid=(14, 14), n_visual=32 * 196,
+                         arch=QWEN2_VL.arch.__class__(**{**QWEN2_VL.arch.__dict__, "llm_layers": 28}), frames=32,
+                         signals={Stage.PROJECTOR: frozenset({"attention_received"}),
+                                  Stage.LLM: frozenset({"attention"})})
+    method = HoliTom(inner_merge=True)
+    assert method.positions == "original" and method.flash_attention == "probe"
+    for fraction in (0.25, 0.15, 0.10):
+        budget = fraction * qwen2_7b.n_visual
+        plan = method.schedule(qwen2_7b.n_visual, budget, qwen2_7b)
+        (outer_site, outer), (inner_site, inner) = plan
+        assert outer_site == Site(Stage.PROJECTOR) and inner_site == Site(Stage.LLM, 18)
+        assert inner == round(outer / 2)
+        assert abs(layer_averaged_tokens(qwen2_7b.n_visual, plan, 28) - budget) <= 0.02 * budget
+        check_signals("holitom", method.needs, plan, qwen2_7b, site_needs=method.site_needs)
+    with pytest.raises(Infeasible, match="attention"):  # without site_needs every site would be asked for both
+        check_signals("holitom", method.needs, plan, qwen2_7b)
+    with pytest.raises(Infeasible, match="inner_merge=false"):
+        method.schedule(qwen2_7b.n_visual, 0.9 * qwen2_7b.n_visual, qwen2_7b)
+    assert HoliTom(inner_merge=True, inner_ratio=0.0).reduce(SiteInput(
+        visual=torch.randn(1, 10, 4), origin=torch.arange(10).unsqueeze(0), grid=(4, 4), keep=10,
+        site=Site(Stage.LLM, 18), attention=torch.rand(1, 1, 10))).values is None  # r = 0: a no-op (§17.8c)
+
+
+def test_inner_merge_contract():
+    check_compressor(HoliTom, {"inner_merge": True}, models=[VIDEO_LLAVA, QWEN2_VL])
