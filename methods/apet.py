@@ -52,7 +52,9 @@ Deviations from the reference code (MaQianKun0/ApET @70cc01b), each a bug or qui
 - Video reference (``basis_mode="append"``): it returns the merged tokens in descending-error order;
   the contract keeps surviving tokens in spatial order, so that order is not reproduced. The
   Video-LLaVA reference also keeps each frame's CLS token next to its 32 compressed tokens (33 per
-  frame); adapters here hand the method the patch tokens only, so a frame gets 32.
+  frame); adapters here hand the method the patch tokens only, so a frame gets 32. Its basis tokens
+  also follow their own frame's tokens; the contract appends ``extra`` tokens after all the kept
+  ones, so here every frame's basis tokens come last, in frame order.
 - LLaVA-NeXT reference: it budgets each 576-token crop (the base image and every high-resolution
   crop) on its own at the vision stage, and at the LLM stage re-prunes only the first crop's tokens.
   Here one plan covers the image's whole visual sequence at both stages, so the kept sets differ.
