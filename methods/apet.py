@@ -53,10 +53,20 @@ Deviations from the reference code (MaQianKun0/ApET @70cc01b), each a bug or qui
 - Video reference (``basis_mode="append"``): it returns the merged tokens in descending-error order;
   the contract keeps surviving tokens in spatial order, so that order is not reproduced. The
   Video-LLaVA reference also keeps each frame's CLS token next to its 32 compressed tokens (33 per
-  frame); adapters here hand the method the patch tokens only, so a frame gets 32.
+  frame); adapters here hand the method the patch tokens only, so a frame gets 32. Its basis tokens
+  also follow their own frame's tokens; the contract appends ``extra`` tokens after all the kept
+  ones, so here every frame's basis tokens come last, in frame order.
 - LLaVA-NeXT reference: it budgets each 576-token crop (the base image and every high-resolution
   crop) on its own at the vision stage, and at the LLM stage re-prunes only the first crop's tokens.
   Here one plan covers the image's whole visual sequence at both stages, so the kept sets differ.
+
+Video (``ModelInfo.frames`` > 1, spec §2.8): with ``video="reference"`` (the default) a video runs
+the Video-LLaVA variant whatever ``basis_mode`` and ``stage2`` say: one stage, after the projector
+(where the adapter offers it, else ``vision_out``), every frame compressed on its own with its own
+FPS basis, ``basis_mode="append"``, the budget split evenly over the frames (largest remainders).
+At 12.5% of Video-LLaVA's 8 × 256 tokens that is the reference's 22 merged + 10 basis tokens per
+frame. ``video="image"`` runs the image behaviour (the options as given) on all F·h·w tokens at once.
+Images (one frame) are unaffected by ``video``.
 
 Degenerate inputs: ``keep >= N`` is a no-op; ``keep <= basis`` shrinks the basis to ``keep - 1``
 so that at least one kept token receives merges (``keep == 1`` keeps the largest-norm token as the
@@ -231,6 +241,9 @@ class ApET(TokenCompressor):
       positions=original`` at budget ``30%``; the code keeps floor(0.3·N), the plan keeps round(0.3·N).
     - Video-LLaVA: ``stage2=false basis_mode=append`` at 32 tokens per frame (22 merged + 10 basis).
 
+    Videos (``frames`` > 1): see the module docstring; ``video=reference`` is the Video-LLaVA variant
+    (per-frame basis, appended basis tokens, one stage after the projector).
+
     Multi-crop images (LLaVA-NeXT, spec §2.6): with ``crops=each`` (the default) every crop is
     compressed on its own, its keep the crop's share of the site's keep (largest remainders, at
     least one token per crop), with its own basis; ``crops=whole`` treats the image as one set. Both
@@ -262,6 +275,9 @@ class ApET(TokenCompressor):
         crops: Literal["each", "whole"] = Field(
             "each", description="multi-crop images: compress each crop on its own (LLaVA-NeXT reference) "
                                 "or the whole image at once")
+        video: Literal["reference", "image"] = Field(
+            "reference", description="videos: the Video-LLaVA variant (per-frame basis, basis_mode=append, "
+                                     "one stage after the projector) or the image behaviour on all frames")
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
@@ -273,6 +289,8 @@ class ApET(TokenCompressor):
             return []
         if budget < 1:
             raise Infeasible(f"apet: budget {budget:g} keeps less than one visual token per layer")
+        if self._video_reference(info.frames):
+            return video_plan(n_visual, budget, info)
         if not self.options.stage2:
             return single_site_plan(n_visual, budget, info)
         layer = self._stage2_layer(info)
@@ -289,7 +307,9 @@ class ApET(TokenCompressor):
         return plan
 
     def reduce(self, x: SiteInput) -> Reduction:
-        if self.options.crops == "each" and x.crop_origin is not None and len(x.crops) > 1:
+        if self._video_reference(x.frames):
+            out = self._per_frame(x)
+        elif self.options.crops == "each" and x.crop_origin is not None and len(x.crops) > 1:
             out = self._per_crop(x)
         else:
             out = self._compress(x.visual, x.keep, x)
@@ -297,29 +317,45 @@ class ApET(TokenCompressor):
             return Reduction(out.keep)
         return Reduction(out.keep, out.values, out.extra)
 
-    def _compress(self, visual: torch.Tensor, keep: int, x: SiteInput) -> ApetOutput:
+    def _video_reference(self, frames: int) -> bool:
+        return frames > 1 and self.options.video == "reference"
+
+    def _compress(self, visual: torch.Tensor, keep: int, x: SiteInput,
+                  basis_mode: BasisMode | None = None) -> ApetOutput:
         opts = self.options
         at_llm = x.site.stage is Stage.LLM
         return apet_compress(
             visual, keep, opts.basis, ridge=opts.ridge, merge_scaling=opts.merge_scaling,
-            basis_mode=opts.basis_mode, start=opts.fps_start, generator=x.row_generators(),
+            basis_mode=basis_mode or opts.basis_mode, start=opts.fps_start, generator=x.row_generators(),
             slot_order="error" if opts.basis_slots == "reference" and at_llm else "ascending")
 
     def _per_crop(self, x: SiteInput) -> ApetOutput:
         """ApET on each crop's tokens (crops on equal footing across the batch's rows)."""
         crop = x.crop_origin[..., 0]
         crop = torch.where(crop < 0, len(x.crops), crop)  # appended tokens form a group of their own
-        order = crop.argsort(dim=1, stable=True)
-        counts = torch.bincount(crop[0], minlength=len(x.crops) + 1)
-        by_crop = crop.gather(1, order)
-        if not torch.equal(by_crop, by_crop[:1].expand_as(by_crop)):
-            raise ValueError("apet: the rows of a batch hold different crop layouts")
+        return self._per_group(x, crop, len(x.crops), "crop")
+
+    def _per_frame(self, x: SiteInput) -> ApetOutput:
+        """The Video-LLaVA variant: ApET on each frame's tokens, basis tokens appended."""
+        frame = torch.div(x.origin, x.grid[0] * x.grid[1], rounding_mode="floor")
+        frame = torch.where(x.origin < 0, x.frames, frame)  # appended tokens form a group of their own
+        return self._per_group(x, frame, x.frames, "frame", basis_mode="append")
+
+    def _per_group(self, x: SiteInput, group: torch.Tensor, n_groups: int, what: str,
+                   basis_mode: BasisMode | None = None) -> ApetOutput:
+        """ApET on each group's tokens (``group`` [B, N] in [0, n_groups]; the budget split over the
+        groups in proportion to their sizes), groups laid out alike in every row of the batch."""
+        order = group.argsort(dim=1, stable=True)
+        counts = torch.bincount(group[0], minlength=n_groups + 1)
+        by_group = group.gather(1, order)
+        if not torch.equal(by_group, by_group[:1].expand_as(by_group)):
+            raise ValueError(f"apet: the rows of a batch hold different {what} layouts")
         grouped = _gather_rows(x.visual, order)
         keeps = crop_keeps(counts.tolist(), x.keep)
         positions, values, extras, offset = [], [], [], 0
         for count, keep in zip(counts.tolist(), keeps):
             if count and keep:
-                out = self._compress(grouped[:, offset:offset + count], keep, x)
+                out = self._compress(grouped[:, offset:offset + count], keep, x, basis_mode)
                 positions.append(order[:, offset:offset + count].gather(1, out.keep))
                 values.append(out.values)
                 if out.extra is not None:
@@ -338,6 +374,16 @@ class ApET(TokenCompressor):
             raise Infeasible(f"apet: stage2_layer={layer} must lie in [1, {info.llm_layers - 1}] "
                              f"for a {info.llm_layers}-layer LLM")
         return layer
+
+
+def video_plan(n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
+    """The Video-LLaVA reference's single stage: ``round(budget)`` tokens after the projector (where
+    the adapter offers it, else the earliest pre-LLM site), appended basis tokens included."""
+    keep = round(budget)
+    if keep >= n_visual:
+        return []
+    site = Site(Stage.PROJECTOR) if Stage.PROJECTOR in info.stages else pre_llm_site(info)
+    return [(site, keep)]
 
 
 def crop_keeps(counts: list[int], keep: int) -> list[int]:

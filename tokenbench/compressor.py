@@ -9,7 +9,7 @@ and only the extra signals the method declared in ``needs``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Literal
@@ -349,6 +349,12 @@ class TokenCompressor:
         """Choose (and optionally merge) the tokens that survive this site."""
         raise NotImplementedError
 
+    def site_needs(self, site: Site) -> frozenset[str]:
+        """The signals this method reads at ``site`` (default: all of ``needs``). A method whose stages
+        read different signals (HoliTom: received attention before the LLM, an attention row inside
+        it) narrows this, so that :func:`check_signals` asks each site only for its own."""
+        return self.needs
+
     def clip_instruction(self, prompt: str) -> str:
         """The part of the user's prompt that ``clip_text`` embeds (default: all of it)."""
         return prompt
@@ -368,11 +374,15 @@ def flash_attention_class(needs: frozenset[str], queries: AttentionQueries = "la
     return "probe"
 
 
-def check_signals(name: str, needs: Iterable[str], plan: list[tuple[Site, int]], info: ModelInfo) -> None:
+def check_signals(name: str, needs: Iterable[str], plan: list[tuple[Site, int]], info: ModelInfo,
+                  site_needs: Callable[[Site], Iterable[str]] | None = None) -> None:
     """Raise :class:`Infeasible` naming the signal and the adapter when a planned site needs a signal
-    the adapter does not serve there (``ModelInfo.signals``), before any site runs."""
+    the adapter does not serve there (``ModelInfo.signals``), before any site runs. ``site_needs``
+    (``TokenCompressor.site_needs``) narrows ``needs`` per site."""
+    needs = frozenset(needs)
     for site, _ in plan:
-        missing = sorted(s for s in needs if not info.serves(s, site.stage))
+        wanted = needs if site_needs is None else frozenset(site_needs(site))
+        missing = sorted(s for s in wanted if not info.serves(s, site.stage))
         if missing:
             served = ", ".join(sorted(info.signals.get(site.stage, ()))) or "none"  # type: ignore[union-attr]
             raise Infeasible(f"method '{name}' needs {', '.join(missing)} at {site.stage}, which the "

@@ -45,8 +45,18 @@ QWEN2_VL = ModelInfo(
 LLAVA_NEXT = ModelInfo(
     family="llava_next", stages=frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM}), grid=(24, 24),
     n_visual=576 + 2 * 24 * 18, arch=LLAVA_15.arch, crops=((24, 24), (24, 18), (24, 18)))
-REFERENCE_MODELS = {"llava-1.5-7b": LLAVA_15, "qwen2-vl-2b": QWEN2_VL, "llava-next-7b": LLAVA_NEXT}
+# Video-LLaVA-7B on a video (spec wave 2 §20 E8): 8 frames of 16×16 tokens, frame-major, 2048 in all
+VIDEO_LLAVA = ModelInfo(
+    family="video_llava", stages=frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM}), grid=(16, 16),
+    n_visual=8 * 16 * 16, frames=8,
+    arch=Architecture(llm_layers=32, llm_hidden=4096, llm_intermediate=11008, llm_heads=32, llm_kv_heads=32,
+                      vocab_size=32000, vision_layers=23, vision_hidden=1024, vision_intermediate=4096,
+                      vision_tokens=257, projector_in=1024, projector_hidden=4096))
+REFERENCE_MODELS = {"llava-1.5-7b": LLAVA_15, "qwen2-vl-2b": QWEN2_VL, "llava-next-7b": LLAVA_NEXT,
+                    "video-llava-7b": VIDEO_LLAVA}
 REFERENCE_BUDGETS = (192, 128, 64)
+# Budgets of the video reference models: 25% and 12.5% of the frames' tokens (ApET's video point)
+REFERENCE_VIDEO_BUDGETS = (512, 256)
 SIGNAL_WIDTH = 32  # feature width of the synthetic tokens (small: the suite must stay fast)
 
 
@@ -72,12 +82,14 @@ def plan_for(compressor: TokenCompressor, info: ModelInfo, budget: float) -> lis
 
 def synthetic_input(compressor: TokenCompressor, site: Site, keep: int, n: int, grid: tuple[int, int], *,
                     batch: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
-                    width: int = SIGNAL_WIDTH, crops: tuple[tuple[int, int], ...] = ()) -> SiteInput:
+                    width: int = SIGNAL_WIDTH, crops: tuple[tuple[int, int], ...] = (),
+                    frames: int = 1) -> SiteInput:
     """A :class:`SiteInput` with random tokens and exactly the signals ``compressor.needs`` asks for;
-    with ``crops`` (a multi-crop image) the tokens come from those crops, with their ``crop_origin``."""
+    with ``crops`` (a multi-crop image) the tokens come from those crops, with their ``crop_origin``;
+    with ``frames`` > 1 (a video) from that many frames of ``grid``, frame-major."""
     gen = torch.Generator().manual_seed(seed)
     visual = torch.randn(batch, n, width, generator=gen).to(dtype)
-    total = sum(h * w for h, w in crops) if crops else grid[0] * grid[1]
+    total = sum(h * w for h, w in crops) if crops else frames * grid[0] * grid[1]
     origin = torch.sort(torch.randperm(total, generator=gen)[:n]).values.expand(batch, n).clone()
     signals: dict[str, Any] = {}
     if "attention" in compressor.needs:
@@ -110,7 +122,7 @@ def synthetic_input(compressor: TokenCompressor, site: Site, keep: int, n: int, 
         signals |= {"crops": crops, "crop_origin": table[origin]}
     return SiteInput(visual=visual, origin=origin, grid=grid, keep=keep, site=site,
                      generator=torch.Generator().manual_seed(seed + 1),
-                     sizes=torch.ones(batch, n, dtype=dtype), **signals)
+                     sizes=torch.ones(batch, n, dtype=dtype), frames=frames, **signals)
 
 
 def _llm_state_signals(compressor: TokenCompressor, batch: int, n: int, width: int, gen: torch.Generator,
@@ -166,10 +178,11 @@ def check_plan_reductions(compressor: TokenCompressor, info: ModelInfo, plan: li
     n = info.n_visual
     for index, (site, keep) in enumerate(plan):
         x = synthetic_input(compressor, site, keep, n, info.grid, batch=batch, dtype=dtype, seed=index,
-                            crops=info.crops)
+                            crops=info.crops, frames=info.frames)
         first = check_reduction(compressor, x)
         again = check_reduction(compressor, synthetic_input(compressor, site, keep, n, info.grid, batch=batch,
-                                                            dtype=dtype, seed=index, crops=info.crops))
+                                                            dtype=dtype, seed=index, crops=info.crops,
+                                                            frames=info.frames))
         assert _same(first, again), f"{compressor.name} at {site}: not deterministic under a fixed seed"
         if compressor.draws_per_row and batch > 1:
             check_row_draws(compressor, x)
@@ -197,8 +210,11 @@ def check_row_draws(compressor: TokenCompressor, x: SiteInput) -> None:
 
 def check_compressor(cls: type[TokenCompressor], options: dict[str, Any] | None = None, *,
                      models: Iterable[ModelInfo] = REFERENCE_MODELS.values(),
-                     budgets: Iterable[int] = REFERENCE_BUDGETS) -> None:
-    """Every contract rule for ``cls``: options, schedule, reduce (batch 1 and 3, fp32 and bf16)."""
+                     budgets: Iterable[int] = REFERENCE_BUDGETS,
+                     video_budgets: Iterable[int] = REFERENCE_VIDEO_BUDGETS) -> None:
+    """Every contract rule for ``cls``: options, schedule, reduce (batch 1 and 3, fp32 and bf16).
+    Video models (``frames`` > 1) run ``video_budgets``, image models ``budgets``."""
+    budgets, video_budgets = tuple(budgets), tuple(video_budgets)
     compressor = cls(**(options or {}))
     assert cls.name, "a compressor needs a name"
     try:
@@ -215,7 +231,7 @@ def check_compressor(cls: type[TokenCompressor], options: dict[str, Any] | None 
             feasible += 1
             averaged = layer_averaged_tokens(info.n_visual, full, info.llm_layers)
             assert averaged >= info.n_visual - 1, f"{cls.name}: a budget of every token must keep every token"
-        for budget in budgets:
+        for budget in (video_budgets if info.frames > 1 else budgets):
             plan = plan_for(compressor, info, budget)
             if plan is None:
                 continue

@@ -146,7 +146,8 @@ class VLMAdapter(ABC):
         ``None``. Here: the stage-level check against ``ModelInfo.signals``; families extend it with
         what depends on the checkpoint (a next vision block, an auxiliary CLIP model)."""
         try:
-            check_signals(compressor.name, compressor.needs, list(plan), self.info())
+            check_signals(compressor.name, compressor.needs, list(plan), self.info(),
+                          site_needs=compressor.site_needs)
         except Infeasible as exc:
             return str(exc)
         return None

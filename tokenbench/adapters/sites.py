@@ -74,7 +74,7 @@ def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBl
     """Call ``compressor.reduce`` on ``block`` with the given signals and apply its reduction;
     ``crops`` fills the per-crop fields of the :class:`SiteInput` for multi-crop images, ``frames``
     the frame count of a video (``grid`` is then one frame's)."""
-    fields = {field: need for need in compressor.needs for field in SIGNAL_FIELDS.get(need, (need,))}
+    fields = {field: need for need in compressor.site_needs(site) for field in SIGNAL_FIELDS.get(need, (need,))}
     wanted = {name: value for name, value in signals.items() if name in fields}
     missing = sorted({need for field, need in fields.items() if wanted.get(field) is None})
     if signals.get("text_valid") is not None:

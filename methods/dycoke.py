@@ -1,0 +1,167 @@
+"""DyCoke (CVPR 2025, arXiv 2411.15024): token temporal merging (TTM) across frame groups.
+
+Spec ``methods-wave2.md`` §18. A video's frames form groups of four, t = 4g .. 4g+3. Frame 4g is
+kept whole. Every other frame keeps only its tokens least similar (cosine at the same grid
+position) to a reference frame, and drops the rest as redundant with it:
+
+- frame 4g+1 and frame 4g+3 against the frame just before them (the reference's stage 1, pairs
+  (f, f+1) for even f);
+- frame 4g+2 against frame 4g (stage 2, groups of four).
+
+Similarities are taken on the input features, so frame 4g+3 compares with frame 4g+2 as it entered,
+as in the reference. Nothing is averaged: "merging" is dropping tokens a kept frame already shows.
+
+Budget (spec §18.5): one ``projector`` site (``vision_out`` where there is none) keeps ``round(budget)``
+tokens. Whole frames cost h·w tokens each; the rest of the budget is shared over the pruned frames
+as equally as possible (largest remainders, earlier frames first), so the plan's count is met
+exactly. The reference's merge ratio k relates as keep = (whole + pruned·(1−k))·h·w, i.e.
+k = 1 − (4f − 1)/3 for a kept fraction f at frames a multiple of 4. A kept fraction below the whole
+frames' share (25% at frames a multiple of 4) is ``Infeasible``.
+
+Deviations from the reference (KD-TAO/DyCoke @dd74634, ``dycole_ttm``), each a bug or quirk there:
+
+- Per-frame counts: the reference keeps int((1−k)·h·w) tokens of every pruned frame; here the
+  budget's count is spread over the pruned frames (they differ by at most one token).
+- Off-by-one (quirk 1): the reference's stage 2 skips the last group of four, so its frame 4g+2 stays
+  whole (9 whole frames of 32 instead of 8). ``last_group="reference"`` reproduces it; the default
+  prunes every group.
+- Odd frame counts (quirk 2): the reference drops the last frame of an odd count entirely and crashes
+  at four frames or fewer; here every frame follows the group rule (a trailing frame 4g is whole).
+- Order: the reference lists a pruned frame's tokens in ascending-similarity order; the contract keeps
+  tokens in their original (frame-major, spatial) order.
+- Exactly tied similarities keep the lower grid position (the reference's ``topk`` order on ties is
+  unspecified). Identical frames are not exact ties: cosines of equal vectors differ by rounding.
+- Hard-coded 196 tokens per frame and the visual start 14 (quirk 4): here the grid and frames come
+  from the adapter (``SiteInput.grid``, ``SiteInput.frames``).
+
+Not implemented: the decode-time dynamic KV pruning (spec §18.3, E10 ``decode`` stage), which the
+contract has no stage for. Published DyCoke numbers that include it ("retained 14.25 %") count the
+decode-time view, not prefill work; tokenbench's DyCoke is the prefill part only.
+
+Degenerate inputs: an image (one frame) has no frame to merge with, so any budget below all its
+tokens is ``Infeasible``; ``keep >= N`` is a no-op; a keep below the whole frames' tokens raises
+``ValueError`` (``schedule`` never plans one); NaN or infinite input raises ``ValueError``. The
+method needs the full frame-major grid (it acts first, before the LLM).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tokenbench.methods.baselines import pre_llm_site
+
+import tokenbench
+from tokenbench import Infeasible, ModelInfo, Reduction, Site, SiteInput, Stage, TokenCompressor
+
+LastGroup = Literal["pruned", "reference"]
+
+
+def reference_frames(frames: int, last_group: LastGroup = "pruned") -> list[int]:
+    """For each frame, the frame its tokens are compared with, or -1 for a frame kept whole."""
+    last_start = 4 * ((frames - 1) // 4)  # the start of the last group of four
+    refs = []
+    for t in range(frames):
+        role = t % 4
+        if role == 0:
+            refs.append(-1)
+        elif role == 2:
+            skipped = last_group == "reference" and t - 2 == last_start and frames % 4 == 0
+            refs.append(-1 if skipped else t - 2)
+        else:
+            refs.append(t - 1)
+    return refs
+
+
+def pruned_frame_keeps(frames: int, per_frame: int, keep: int, last_group: LastGroup = "pruned") -> list[int]:
+    """Tokens each frame keeps: all ``per_frame`` of a whole frame; the rest of ``keep`` spread over the
+    pruned frames (earlier frames take the remainder). Raises ``ValueError`` below the whole frames."""
+    refs = reference_frames(frames, last_group)
+    pruned = [t for t, ref in enumerate(refs) if ref >= 0]
+    whole = (frames - len(pruned)) * per_frame
+    spare = keep - whole
+    if spare < 0:
+        raise ValueError(f"dycoke: keep={keep} is below the {whole} tokens of the frames kept whole")
+    if not pruned:
+        return [per_frame] * frames
+    base, extra = divmod(min(spare, len(pruned) * per_frame), len(pruned))
+    counts = [per_frame] * frames
+    for rank, t in enumerate(pruned):
+        counts[t] = base + (1 if rank < extra else 0)
+    return counts
+
+
+def dycoke_ttm(x: torch.Tensor, frames: int, keep: int, last_group: LastGroup = "pruned") -> torch.Tensor:
+    """Kept token indices [B, keep'] (ascending) of ``x`` [B, frames·n, D], laid out frame-major."""
+    batch, total, dims = x.shape
+    if total % frames:
+        raise ValueError(f"dycoke: {total} tokens do not split into {frames} equal frames")
+    per_frame = total // frames
+    video = x.float().view(batch, frames, per_frame, dims)
+    if not torch.isfinite(video).all():
+        raise ValueError("dycoke: input contains NaN or infinite values; check the model upstream")
+    refs = reference_frames(frames, last_group)
+    counts = pruned_frame_keeps(frames, per_frame, keep, last_group)
+    pruned = [t for t, ref in enumerate(refs) if ref >= 0]
+    mask = torch.ones(batch, frames, per_frame, dtype=torch.bool, device=x.device)
+    if pruned:
+        source = video[:, pruned]
+        reference = video[:, [refs[t] for t in pruned]]
+        similarity = F.cosine_similarity(source, reference, dim=3)  # [B, P, n]
+        rank = similarity.argsort(dim=2, stable=True).argsort(dim=2)  # 0 = least similar
+        limit = torch.tensor([counts[t] for t in pruned], device=x.device).view(1, -1, 1)
+        mask[:, pruned] = rank < limit
+    return mask.view(batch, total).nonzero()[:, 1].view(batch, -1)
+
+
+class DyCoke(TokenCompressor):
+    """DyCoke's temporal token merging: per group of four frames, the later frames keep only the
+    tokens that differ from a kept reference frame."""
+
+    name = "dycoke"
+    stages = (Stage.PROJECTOR, Stage.VISION_OUT)
+    needs = frozenset()
+    paper = "DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models (CVPR 2025)"
+    source = "https://github.com/KD-TAO/DyCoke (re-implemented from the spec, not copied)"
+
+    class Options(TokenCompressor.Options):
+        last_group: LastGroup = Field(
+            "pruned", description="reference: leave frame 4g+2 of the last group whole, as the code's "
+                                  "off-by-one does")
+
+    def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
+        keep = round(budget)
+        if keep >= n_visual:
+            return []
+        if info.frames < 2:
+            raise Infeasible("dycoke merges tokens across the frames of a video; an image (one frame) has "
+                             "no frame to merge with, so it can only run with every token")
+        per_frame = info.grid[0] * info.grid[1]
+        if per_frame * info.frames != n_visual:
+            raise Infeasible(f"dycoke needs {info.frames} full frames of {per_frame} tokens, but the "
+                             f"{info.family} adapter reports {n_visual} visual tokens")
+        refs = reference_frames(info.frames, self.options.last_group)
+        whole = refs.count(-1) * per_frame
+        if keep < whole:
+            raise Infeasible(f"dycoke keeps {refs.count(-1)} of {info.frames} frames whole, so its budget "
+                             f"cannot go below {whole} tokens ({100 * whole / n_visual:.1f}% of "
+                             f"{n_visual}; asked {budget:g})")
+        site = Site(Stage.PROJECTOR) if Stage.PROJECTOR in info.stages else pre_llm_site(info)
+        return [(site, keep)]
+
+    def reduce(self, x: SiteInput) -> Reduction:
+        batch, n, _ = x.visual.shape
+        if x.keep >= n:
+            return Reduction(torch.arange(n, device=x.visual.device).expand(batch, n).clone())
+        full = torch.arange(x.frames * x.grid[0] * x.grid[1], device=x.origin.device)
+        if x.frames < 2 or n != full.numel() or not torch.equal(x.origin, full.expand_as(x.origin)):
+            raise ValueError(f"dycoke needs every token of a video's frames in frame-major order (frames="
+                             f"{x.frames}, grid {x.grid}, {n} tokens); run it as the first reduction")
+        return Reduction(dycoke_ttm(x.visual, x.frames, x.keep, self.options.last_group))
+
+
+@tokenbench.hookimpl
+def register_compressors(register):
+    register(DyCoke)
