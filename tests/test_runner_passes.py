@@ -242,3 +242,21 @@ def test_an_arm_failing_while_timed_drops_out_and_the_others_are_timed(tiny_llav
     stored = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert [r["error"] for r in stored if r["kind"] == "efficiency" and r["budget"] == "32"] == [
         "RuntimeError: timing broke"]
+
+
+def test_the_baseline_timed_last_wins_whichever_samples_file_holds_it(tiny_llava_dir, tmp_path, monkeypatch,
+                                                                     restore_threads):
+    """A folder run by launches of different sizes holds the baseline's timings in several samples files:
+    the pass that timed an added arm replaced them, and a later run (whose own file holds the older
+    ones, as process 0 of a launch after a single-process run) reports the replacement."""
+    _Spy(monkeypatch)
+    output = tmp_path / "out"
+    env = {"TINY_SAMPLES": "4"}
+    _run(tiny_llava_dir, output, "64", env)
+    (output / "samples.jsonl").rename(output / "samples.rank0.jsonl")  # as a launch's process 0 wrote it
+    grown = _run(tiny_llava_dir, output, "64,32", env)  # the baseline timed again, with oomy@32
+    (output / "samples.jsonl").rename(output / "samples.rank1.jsonl")
+    (output / "samples.rank0.jsonl").rename(output / "samples.jsonl")  # the older timings in this run's own file
+    again = _run(tiny_llava_dir, output, "64,32", env)
+    assert again[0]["timed_runs"] == grown[0]["timed_runs"]
+    assert again[2]["speedup"] == grown[2]["speedup"]

@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -458,7 +459,8 @@ class Harness:
             if shared:
                 for label, timing in self._time(shared, todo, task).items():
                     fresh[label] |= timing
-        self.store.extend(fresh.values())
+        stamp = time.time_ns()  # replaces a stored record of the key in whichever samples*.jsonl it is
+        self.store.extend(record | {"stored_at": stamp} for record in fresh.values())
         return results | fresh
 
     def _usable(self, samples: Sequence[Sample], per_arm: dict[str, list[dict[str, Any]]],
