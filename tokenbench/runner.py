@@ -495,6 +495,7 @@ class Harness:
                 cls = type(self.adapter)
                 self._fa2_adapter = cls.load(self.config.model.location, dtype=self.dtype,
                                              attn="flash_attention_2", device=self.device)
+                self._fa2_adapter.protocol = self.adapter.protocol  # the run's prompts and preprocessing
             with torch.inference_mode():
                 generation = self._fa2_adapter.generate([prompt], compressor=compressor, budget=arm.budget,
                                                         max_new_tokens=task.max_new_tokens,
