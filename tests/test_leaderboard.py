@@ -59,6 +59,16 @@ def test_runs_with_different_settings_get_separate_sections():
     assert limited.count("| " + subset["method"] + " ") == 1  # not merged with the full runs
 
 
+@pytest.mark.parametrize("field,value", [("scoring", "lenient"), ("protocol", "llava")])
+def test_runs_under_another_scoring_or_protocol_get_separate_sections(field, value):
+    """--scoring and --protocol change what a score means (and the settings hash), as --limit does."""
+    records = golden_records()
+    other = json.loads(json.dumps(next(r for r in records if r["model"] == "tiny-llava-shapes")))
+    other["provenance"][field] = value
+    text = render_markdown([*records, other])
+    assert f"## tiny-llava-shapes ({field} {value})" in text
+
+
 def invoke(args):
     return CliRunner().invoke(cli, args, catch_exceptions=False)
 

@@ -242,3 +242,46 @@ def test_an_arm_failing_while_timed_drops_out_and_the_others_are_timed(tiny_llav
     stored = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert [r["error"] for r in stored if r["kind"] == "efficiency" and r["budget"] == "32"] == [
         "RuntimeError: timing broke"]
+
+
+def test_the_baseline_timed_last_wins_whichever_samples_file_holds_it(tiny_llava_dir, tmp_path, monkeypatch,
+                                                                     restore_threads):
+    """A folder run by launches of different sizes holds the baseline's timings in several samples files:
+    the pass that timed an added arm replaced them, and a later run (whose own file holds the older
+    ones, as process 0 of a launch after a single-process run) reports the replacement."""
+    _Spy(monkeypatch)
+    output = tmp_path / "out"
+    env = {"TINY_SAMPLES": "4"}
+    _run(tiny_llava_dir, output, "64", env)
+    (output / "samples.jsonl").rename(output / "samples.rank0.jsonl")  # as a launch's process 0 wrote it
+    grown = _run(tiny_llava_dir, output, "64,32", env)  # the baseline timed again, with oomy@32
+    (output / "samples.jsonl").rename(output / "samples.rank1.jsonl")
+    (output / "samples.rank0.jsonl").rename(output / "samples.jsonl")  # the older timings in this run's own file
+    again = _run(tiny_llava_dir, output, "64,32", env)
+    assert again[0]["timed_runs"] == grown[0]["timed_runs"]
+    assert again[2]["speedup"] == grown[2]["speedup"]
+
+
+def test_the_flash_attention_2_probe_runs_the_protocol_of_the_run(tiny_llava_dir, tmp_path, monkeypatch):
+    """The probe's second copy of the model (loaded under flash_attention_2) prompts as the run does."""
+    from PIL import Image
+
+    from tokenbench.adapters.base import Prompt
+    from tokenbench.adapters.llava import LlavaAdapter
+    from tokenbench.config import MethodSpec, RunConfig
+    from tokenbench.models import resolve_model
+    from tokenbench.plugins import load_registry
+
+    registry = load_registry()
+    config = RunConfig(model=resolve_model(str(tiny_llava_dir), registry), methods=[], budgets=[], tasks=[],
+                       output=tmp_path)  # a LLaVA checkpoint: the llava protocol by default
+    harness = tokenbench.runner.Harness(config, registry, tokenbench.runner.load_adapter(config, registry))
+    load, protocols = LlavaAdapter.load.__func__, []
+    monkeypatch.setattr(LlavaAdapter, "load", classmethod(lambda cls, *a, **k: load(cls, *a, **k | {"attn": "sdpa"})))
+    generate = LlavaAdapter.generate
+    monkeypatch.setattr(LlavaAdapter, "generate",
+                        lambda self, *a, **k: protocols.append(self.protocol) or generate(self, *a, **k))
+    task = type("T", (), {"max_new_tokens": 2})()
+    arm = tokenbench.runner.Arm(MethodSpec("none"), None)
+    result = harness._flash_attention_2(Prompt(Image.new("RGB", (64, 64)), "hi"), None, arm, task)
+    assert "error" not in result and harness.adapter.protocol == "llava" and protocols == ["llava"]

@@ -106,11 +106,15 @@ class ShardedSampleStore(SampleStore):
         self.reload()
 
     def reload(self) -> None:
-        """Read the other processes' files again (after a barrier: their records are complete)."""
+        """Read the other processes' files again (after a barrier: their records are complete). Of
+        two records of one key, the later ``stored_at`` wins (the efficiency pass replaces the
+        baseline's timings when it times an added arm, perhaps from another file than this one's)."""
         for path in sorted(self.path.parent.glob("samples*.jsonl")):
             if path != self.path:
                 for record in _complete_records(path):
-                    self.records.setdefault(record["key"], record)
+                    mine = self.records.get(record["key"])
+                    if mine is None or record.get("stored_at", 0) > mine.get("stored_at", 0):
+                        self.records[record["key"]] = record
 
 
 def _complete_records(path: Path) -> list[dict[str, Any]]:

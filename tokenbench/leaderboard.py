@@ -112,7 +112,8 @@ def _hardware(record: dict[str, Any]) -> str | None:
 
 
 # provenance that changes what a score means: runs that differ in any of these are never put in one table
-COMPARABILITY = ("limit", "dtype", "attention_backend", "max_new_tokens", "random_weights", "seed")
+COMPARABILITY = ("limit", "dtype", "attention_backend", "max_new_tokens", "random_weights", "seed", "protocol",
+                 "scoring")
 
 
 def _setting(record: dict[str, Any]) -> tuple:
@@ -399,8 +400,8 @@ def collect(results: Sequence[Path], destination: Path) -> None:
             if clash is not None:
                 raise LeaderboardError(
                     f"{clash} and {path} both hold {record['model']} / {record['task']} / {record['method']} "
-                    f"at budget {record['budget'] or 'none'} with the same limit, dtype, attention and seed but "
-                    f"different results or options; give only one of them")
+                    f"at budget {record['budget'] or 'none'} with the same limit, dtype, attention, seed, protocol "
+                    f"and scoring but different results or options; give only one of them")
             kept[name].append((path, record))
     destination.mkdir(parents=True, exist_ok=True)
     for path, record in list(load_run_records([destination])):

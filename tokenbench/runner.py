@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -458,7 +459,8 @@ class Harness:
             if shared:
                 for label, timing in self._time(shared, todo, task).items():
                     fresh[label] |= timing
-        self.store.extend(fresh.values())
+        stamp = time.time_ns()  # replaces a stored record of the key in whichever samples*.jsonl it is
+        self.store.extend(record | {"stored_at": stamp} for record in fresh.values())
         return results | fresh
 
     def _usable(self, samples: Sequence[Sample], per_arm: dict[str, list[dict[str, Any]]],
@@ -493,6 +495,7 @@ class Harness:
                 cls = type(self.adapter)
                 self._fa2_adapter = cls.load(self.config.model.location, dtype=self.dtype,
                                              attn="flash_attention_2", device=self.device)
+                self._fa2_adapter.protocol = self.adapter.protocol  # the run's prompts and preprocessing
             with torch.inference_mode():
                 generation = self._fa2_adapter.generate([prompt], compressor=compressor, budget=arm.budget,
                                                         max_new_tokens=task.max_new_tokens,
