@@ -22,10 +22,10 @@ import torch
 
 from tokenbench.adapters.base import AdapterError, Prompt
 from tokenbench.adapters.sites import (
-    AFTER_ALL_LINES,
     Applied,
     CropLayout,
     VisualBlock,
+    appended_line,
     interleave,
 )
 from tokenbench.adapters.staged import Encoded
@@ -65,7 +65,7 @@ class AnyresLayout:
         b, device = origin.shape[0], origin.device
         found = origin >= 0
         at = origin.clamp(min=0)
-        line = torch.where(found, self.visual_line.to(device)[at], AFTER_ALL_LINES)
+        line = torch.where(found, self.visual_line.to(device)[at], appended_line(origin))
         source = torch.where(found, self.visual_span.to(device)[at], -1)
         n_newlines = self.newline_span.shape[0]
         newlines = newline.to(block.tokens)[None, None].expand(b, n_newlines, -1)

@@ -21,6 +21,16 @@ from tokenbench.compressor import SIGNAL_FIELDS, Reduction, Site, SiteInput, Tok
 
 NEWLINE = -2  # origin of a layout (newline) token inside a span block; never shown to a compressor
 AFTER_ALL_LINES = 2 ** 40  # layout line of appended tokens: they follow the last newline
+BEFORE_ALL_LINES = -(2 ** 40)  # layout line of prefix tokens (``Reduction.prefix``): they lead the span
+
+
+def appended_line(origin: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` layout line of the appended tokens (origin < 0) of a block: the leading ones are a
+    ``prefix`` (``apply_reduction`` puts it first) and go before every layout token, the others
+    follow the last one; visual tokens get 0 (the caller takes their own line)."""
+    leading = (origin >= 0).long().cumsum(dim=1) == 0
+    line = torch.where(leading, BEFORE_ALL_LINES, AFTER_ALL_LINES)
+    return torch.where(origin >= 0, 0, line)
 
 
 @dataclass(frozen=True)
