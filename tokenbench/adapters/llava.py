@@ -208,12 +208,12 @@ class LlavaAdapter(StagedAdapter):
         over heads and all queries (CLS included), streamed over query chunks."""
         block = self.model.model.vision_tower.encoder.layers[self.vision_blocks - 1]
         attn = block.self_attn
-        normed = block.layer_norm1(block_input)
+        normed = block.layer_norm1(block_input.to(execution_device(block)))
         b, t, _ = normed.shape
         queries = attn.q_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
         keys = attn.k_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        received = head_mean_received(queries, keys, attn.scale, bias=None if bias is None else bias[:, 0])
-        return received[:, 1:]
+        bias = None if bias is None else bias[:, 0].to(normed.device)
+        return head_mean_received(queries, keys, attn.scale, bias=bias)[:, 1:].to(block_input.device)
 
     def unserved_signal_reason(self, compressor: TokenCompressor,
                                plan: Sequence[tuple[Site, int]]) -> str | None:
@@ -246,7 +246,8 @@ class LlavaAdapter(StagedAdapter):
         selected features (its LayerNorm and q/k projections only; the block's output is not needed)."""
         block = self.model.model.vision_tower.encoder.layers[self.vision_blocks]
         attn = block.self_attn
-        normed = block.layer_norm1(selected)
+        normed = block.layer_norm1(selected.to(execution_device(block)))
+        bias = None if bias is None else bias.to(normed.device)
         b, t, width = normed.shape
         keys = attn.k_proj(normed)
         out: dict[str, torch.Tensor] = {}
@@ -267,7 +268,7 @@ class LlavaAdapter(StagedAdapter):
         if "cls_attention_next" in out:
             for trace in traces:
                 trace.probe_rows += 1
-        return out
+        return {name: value.to(selected.device) for name, value in out.items()}
 
     def _clip_signals(self, features: torch.Tensor, encoded: Any,
                       compressor: TokenCompressor | None) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ import torch
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
 from tokenbench.adapters.llava import VICUNA_V1_SYSTEM, _clip_keys, llava_architecture
 from tokenbench.adapters.loading import load_checkpoint
+from tokenbench.adapters.placement import execution_device
 from tokenbench.adapters.prefill import LLM_SITE_SIGNALS, TokenSequence
 from tokenbench.adapters.probe import head_mean_probs
 from tokenbench.adapters.qwen2_vl import load_processor
@@ -217,8 +218,8 @@ def _frame_cls_attention(block: torch.nn.Module, block_input: torch.Tensor) -> t
     """``[B·F, h·w]``: per frame, the head-mean attention of its CLS query over its own patches in
     the block that produced the selected layer."""
     attn = block.self_attn
-    normed = block.layer_norm1(block_input)
+    normed = block.layer_norm1(block_input.to(execution_device(block)))  # a device map may place it elsewhere
     n, t, _ = normed.shape
     queries = attn.q_proj(normed[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     keys = attn.k_proj(normed).view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-    return head_mean_probs(queries, keys, attn.scale)[:, 0, 1:]
+    return head_mean_probs(queries, keys, attn.scale)[:, 0, 1:].to(block_input.device)
