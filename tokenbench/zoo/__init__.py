@@ -12,3 +12,5 @@ from pathlib import Path
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT_MODEL = "tiny-llava-shapes"
 EMBEDDED: dict[str, Path] = {DEFAULT_MODEL: CHECKPOINTS / DEFAULT_MODEL}
+# the video default (``python -m tokenbench.zoo.train_video``): Video-LLaVA, 8 frames of 65 tokens
+EMBEDDED["tiny-video-llava-shapes"] = CHECKPOINTS / "tiny-video-llava-shapes"
