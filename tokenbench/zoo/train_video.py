@@ -311,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tokenbench.zoo.train_video", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=EMBEDDED["tiny-video-llava-shapes"])
     parser.add_argument("--image-model", type=Path, default=EMBEDDED["tiny-llava-shapes"])
+    parser.add_argument("--init-model", type=Path,
+                        help="go on training a saved video checkpoint instead of starting from --image-model")
+    parser.add_argument("--clip-start", type=int, default=0,
+                        help="first clip index of the training split (to go on with clips not trained on yet)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clips", type=int, default=3000)
     parser.add_argument("--validation-clips", type=int, default=96)
@@ -337,9 +341,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     processor = build_processor()
     tokenizer = processor.tokenizer
-    model = build_from_image_model(args.image_model, tokenizer, args.seed)
+    if args.init_model and not (args.init_model / "config.json").is_file():
+        parser.error(f"--init-model {args.init_model}: no saved model there (config.json is missing)")
+    if args.init_model:
+        model = VideoLlavaForConditionalGeneration.from_pretrained(args.init_model)
+        torch.manual_seed(args.seed)
+    else:
+        model = build_from_image_model(args.image_model, tokenizer, args.seed)
     model.eval()
-    features, clips, families = encode_clips(model, TRAIN_SPLIT, args.clips)
+    features, clips, families = encode_clips(model, TRAIN_SPLIT, args.clips, start=args.clip_start)
     held_features, held_clips, held_families = encode_clips(model, VALIDATION_SPLIT, args.validation_clips)
     lap("render + encode")
 
@@ -389,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     record = {"command": " ".join(["python -m tokenbench.zoo.train_video", *(sys.argv[1:] if argv is None else argv)]),
               "arguments": {k: str(v) for k, v in vars(args).items()}, "seconds": seconds,
               "validation": validations[args.steps], f"held_out_accuracy_{args.eval_limit}": metrics}
+    earlier = args.init_model / "training.json" if args.init_model else None
+    if earlier is not None and earlier.is_file():  # the record of the model this run went on from
+        record["started_from"] = json.loads(earlier.read_text())
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
