@@ -134,11 +134,11 @@ def read_mvbench(text: str) -> str:
     led = _LETTER_DOT.match(text.strip())
     if led:
         return led.group(1).upper()
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    spaced = bool(_COMMA_IN_NUMBER.search(text))
-    for mark in _MCQ_PUNCT:
-        spaced_here = spaced or mark + " " in text or " " + mark in text
-        text = text.replace(mark, "" if spaced_here else " ")
+    original = text = text.replace("\n", " ").replace("\t", " ").strip()
+    spaced = bool(_COMMA_IN_NUMBER.search(original))
+    for mark in _MCQ_PUNCT:  # whether a mark is removed or spaced out depends on the text as it came
+        removed = spaced or mark + " " in original or " " + mark in original
+        text = text.replace(mark, "" if removed else " ")
     text = _LONE_PERIOD.sub("", text)
     text = text.strip("'").strip('"').strip(")").strip("(").strip().lower()
     letter = _LETTER_WORD.search(text)

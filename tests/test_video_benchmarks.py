@@ -78,6 +78,7 @@ def test_mvbench_prompt_is_lmms_evals():
     ("B. the sphere", "B"), ("(C)", "C"), ("The answer is D", "D"), ("c", "C"),
     ("a sphere", "A"),  # lmms-eval's reading takes the article for option A
     ("the sphere", "the sphere"), ("", ""),
+    ('(A)C)"', "A"),  # a mark is removed or spaced out by whether it stood by a space in the reply as given
 ])
 def test_mvbench_reading(reply, read):
     assert read_mvbench(reply) == read
