@@ -85,6 +85,12 @@ class VideoHubTask(HubTask):
     def video_paths(self, row: dict[str, Any]) -> list[Path]:
         raise NotImplementedError
 
+    def sample_from(self, index: int, row: dict[str, Any]) -> Sample:
+        sample = super().sample_from(index, row)
+        if "error" in sample.meta:  # an unusable row: its video, not an image, fails to load
+            sample.video, sample.image = sample.image, None
+        return sample
+
     def image_loader(self, row: dict[str, Any], label: str) -> Callable[[], list[Image.Image]]:
         return video_loader(self.video_paths(row), self.frames, label)
 

@@ -126,6 +126,11 @@ def test_mvbench_from_local_rows_and_videos(mvbench_dir):
     with pytest.raises(SampleError, match="video not found"):
         samples["state_change"].load_video()
     assert len(list(MVBench(mvbench_dir).samples(limit=3))) == 3
+    broken = MVBench(mvbench_dir).sample_from(0, {"subtask": "moving_direction", "video": "moving_direction.mp4",
+                                                  "question": "", "candidates": ["a", "b"], "answer": "a"})
+    assert broken.image is None
+    with pytest.raises(SampleError, match="field 'question' is empty"):
+        broken.load_video()
 
 
 # ----------------------------------------------------------------------------------- Video-MME
