@@ -175,14 +175,16 @@ def clip_questions(clip: shapes_video.Clip, family: str, rng: random.Random) -> 
 
 @torch.no_grad()
 def encode_clips(model: VideoLlavaForConditionalGeneration, split: int, count: int, start: int = 0,
-                 batch: int = 8) -> tuple[torch.Tensor, list[shapes_video.Clip], list[str]]:
-    """Frozen video-tower features [count, frames × 65, width] (fp16) of ``count`` clips of ``split``."""
+                 batch: int = 8, cycle: Sequence[str] = shapes_video.FAMILIES
+                 ) -> tuple[torch.Tensor, list[shapes_video.Clip], list[str]]:
+    """Frozen video-tower features [count, frames × 65, width] (fp16) of ``count`` clips of ``split``,
+    built for the families of ``cycle`` in turn."""
     tower = model.model.video_tower
     features, clips, families = [], [], []
     for first in range(start, start + count, batch):
         frames = []
         for index in range(first, min(first + batch, start + count)):
-            family = shapes_video.FAMILIES[index % len(shapes_video.FAMILIES)]
+            family = cycle[index % len(cycle)]
             clip, _ = shapes_video.make_clip(split, index, family)
             clips.append(clip)
             families.append(family)
@@ -315,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="go on training a saved video checkpoint instead of starting from --image-model")
     parser.add_argument("--clip-start", type=int, default=0,
                         help="first clip index of the training split (to go on with clips not trained on yet)")
+    parser.add_argument("--families", default=",".join(shapes_video.FAMILIES),
+                        help="the families training clips are built for, in turn (repeat one to weigh it up)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clips", type=int, default=3000)
     parser.add_argument("--validation-clips", type=int, default=96)
@@ -349,7 +353,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         model = build_from_image_model(args.image_model, tokenizer, args.seed)
     model.eval()
-    features, clips, families = encode_clips(model, TRAIN_SPLIT, args.clips, start=args.clip_start)
+    cycle = args.families.split(",")
+    if unknown := sorted(set(cycle) - set(shapes_video.FAMILIES)):
+        parser.error(f"--families: unknown {', '.join(unknown)}; choose from {', '.join(shapes_video.FAMILIES)}")
+    features, clips, families = encode_clips(model, TRAIN_SPLIT, args.clips, start=args.clip_start, cycle=cycle)
     held_features, held_clips, held_families = encode_clips(model, VALIDATION_SPLIT, args.validation_clips)
     lap("render + encode")
 
