@@ -146,6 +146,23 @@ def test_cls_attention_is_each_frames_own(request):
     assert torch.allclose(got.sum(dim=1), 1 - out.attentions[a.vision_blocks - 1].mean(dim=1)[:, 0, 0])
 
 
+def test_attention_received_is_each_frames_own(request):
+    """``attention_received`` per frame equals the stock tower's map averaged over heads and all of
+    the frame's queries (patch columns), as HoliTom reads it; every query row is a probe row."""
+    a = load(request, "eager")
+    compressor = Scripted(Site(Stage.VISION_OUT), needs=frozenset({"attention_received"}))
+    batch = video_prompts(2)
+    run = a.run(batch, compressor=compressor, budget=ALL, max_new_tokens=1)
+    got = compressor.seen[0].x.attention_received.view(2, FRAMES, SIDE * SIDE)
+    pixels = a._encode(batch).image_inputs["pixel_values_videos"]
+    for row in range(2):
+        with torch.no_grad():
+            out = a.model.model.video_tower(pixels[row], output_attentions=True)
+        stock = out.attentions[a.vision_blocks - 1].mean(dim=1).mean(dim=1)[:, 1:]
+        torch.testing.assert_close(got[row], stock, rtol=1e-4, atol=1e-7)
+    assert run.generations[0].trace.probe_rows == FRAMES * (SIDE * SIDE + 1)
+
+
 def test_flops_match_flop_counter_per_frame(request):
     a = load(request)
     compressor = Scripted(Site(Stage.VISION_OUT), stride=4)

@@ -43,7 +43,7 @@ from tokenbench.adapters.llava import VICUNA_V1_SYSTEM, _clip_keys, llava_archit
 from tokenbench.adapters.loading import load_checkpoint
 from tokenbench.adapters.placement import execution_device
 from tokenbench.adapters.prefill import LLM_SITE_SIGNALS, TokenSequence
-from tokenbench.adapters.probe import head_mean_probs
+from tokenbench.adapters.probe import head_mean_probs, head_mean_received
 from tokenbench.adapters.qwen2_vl import load_processor
 from tokenbench.adapters.sites import Applied, VisualBlock, appended_line, interleave, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
@@ -68,7 +68,7 @@ class VideoLlavaAdapter(StagedAdapter):
     default_protocol = "llava"
     accepts_video = True
     served_signals: ClassVar[dict[Stage, frozenset[str]]] = {
-        Stage.VISION_OUT: frozenset({"cls_attention", "keys", "text"}),
+        Stage.VISION_OUT: frozenset({"cls_attention", "attention_received", "keys", "text"}),
         Stage.PROJECTOR: frozenset({"text"}),
         Stage.LLM: LLM_SITE_SIGNALS,
     }
@@ -175,6 +175,10 @@ class VideoLlavaAdapter(StagedAdapter):
                 signals["cls_attention"] = by_video(_frame_cls_attention(last, block_input))
                 for trace in traces:
                     trace.probe_rows += frames
+            if "attention_received" in needs:
+                signals["attention_received"] = by_video(_frame_received_attention(last, block_input))
+                for trace in traces:
+                    trace.probe_rows += block_input.shape[0] // batch * block_input.shape[1]
             if "keys" in needs:
                 signals["keys"] = by_video(_clip_keys(last, block_input)[:, 1:])
             if "text" in needs:
@@ -212,6 +216,18 @@ class VideoLlavaAdapter(StagedAdapter):
         index = torch.arange(frames, device=origin.device).expand(b, frames)
         return interleave(Applied(block, source, 0), line, source, cls.to(block.tokens), index - 1,
                           index * (per_frame + 1))
+
+
+def _frame_received_attention(block: torch.nn.Module, block_input: torch.Tensor) -> torch.Tensor:
+    """``[B·F, h·w]``: per frame, the attention each patch receives in the block that produced the
+    selected layer, averaged over heads and all of the frame's queries (its CLS included), streamed
+    over query chunks (the ``attention_received`` signal; each frame is encoded on its own)."""
+    attn = block.self_attn
+    normed = block.layer_norm1(block_input.to(execution_device(block)))
+    n, t, _ = normed.shape
+    queries = attn.q_proj(normed).view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    keys = attn.k_proj(normed).view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    return head_mean_received(queries, keys, attn.scale)[:, 1:].to(block_input.device)
 
 
 def _frame_cls_attention(block: torch.nn.Module, block_input: torch.Tensor) -> torch.Tensor:
