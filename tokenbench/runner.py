@@ -181,7 +181,8 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
     if config.device_map:  # timings and provenance look where the inputs go, not at --device
         config = dataclasses.replace(config, device=str(adapter.device))
     harness = Harness(config, registry, adapter, accuracy=accuracy, random_weights=random_weights)
-    harness.check_plans()
+    for task, samples in tasks.values():
+        harness.check_plans(harness.reference_info(task, samples))
     harness.processes = processes
     records: list[dict[str, Any]] = []
     with ShardedSampleStore(config.output, processes) as store:
@@ -232,6 +233,8 @@ class Harness:
         self.max_context: int | None = getattr(text_config, "max_position_embeddings", None)
         self.arch = adapter.info().arch
         self._kept: dict[str, Prompt | str] = {}  # decoded prompts the efficiency pass reuses (per task)
+        # per task (by id): the model facts of its first sample and that sample's decoded prompt
+        self._reference: dict[int, tuple[ModelInfo, Prompt | str | None]] = {}
 
     # ------------------------------------------------------------------------------------- keys
     def _key(self, kind: str, task: Task, arm: Arm, sample_id: str | None = None) -> str:
@@ -243,10 +246,21 @@ class Harness:
                           scoring=getattr(task, "scoring", "official"))
 
     # ------------------------------------------------------------------------------------- task
-    def check_plans(self) -> None:
-        """Before any sample runs: every count budget fits the image's visual tokens, and every site a
-        method schedules lies inside this model's layers (raises ConfigError)."""
-        info = self.adapter.info()
+    def reference_info(self, task: Task, samples: Sequence[Sample]) -> ModelInfo:
+        """The model facts the checks before the run use: for a video task those of its first sample
+        (its frames; decoded once, then kept for the accuracy pass), else the model's default image
+        (nothing is decoded, so a finished run decodes nothing)."""
+        if id(task) not in self._reference:
+            video = bool(samples) and samples[0].video is not None
+            prompt = self._prompt(samples[0], {}) if video else None
+            info = self.adapter.info_for(prompt) if isinstance(prompt, Prompt) else self.adapter.info()
+            self._reference[id(task)] = (info, prompt)
+        return self._reference[id(task)][0]
+
+    def check_plans(self, info: ModelInfo) -> None:
+        """Before any sample runs: every count budget fits the visual tokens of ``info`` (a task's
+        first sample), and every site a method schedules lies inside this model's layers (raises
+        ConfigError)."""
         for budget in self.config.budgets:
             if budget.tokens is not None and budget.tokens > info.n_visual:
                 raise ConfigError(f"--budgets {budget.label}: the model's images have {info.n_visual} visual "
@@ -266,15 +280,17 @@ class Harness:
         """The task's run records; ``shard``: only this process's share of the accuracy pass."""
         live: list[tuple[Arm, TokenCompressor | None]] = []
         infeasible: dict[str, str] = {}  # by arm label
+        info = self.reference_info(task, samples)
         for arm in arms(self.config):
             compressor = self._compressor(arm)
-            reason = self._infeasible(compressor, arm)
+            reason = self._infeasible(compressor, arm, info)
             if reason:
                 infeasible[arm.label] = reason
                 tqdm.write(f"tokenbench: {arm.label}: infeasible: {reason}", file=sys.stderr)
             else:
                 live.append((arm, compressor))
-        self._kept = {}
+        first = self._reference[id(task)][1]
+        self._kept = {samples[0].id: first} if first is not None else {}
         if shard:
             if self.accuracy:
                 self.accuracy_pass(task, samples, live, self.processes)
@@ -296,12 +312,11 @@ class Harness:
     def _compressor(self, arm: Arm) -> TokenCompressor | None:
         return None if arm.budget is None else guard_signals(arm.spec.build(self.registry))
 
-    def _infeasible(self, compressor: TokenCompressor | None, arm: Arm) -> str | None:
-        """The method's own verdict on this budget for the model's default image (checked again
-        per sample by the adapter for dynamic-resolution models)."""
+    def _infeasible(self, compressor: TokenCompressor | None, arm: Arm, info: ModelInfo) -> str | None:
+        """The method's own verdict on this budget for the task's first sample (checked again per
+        sample by the adapter, whose images may differ in size)."""
         if compressor is None or arm.budget is None:
             return None
-        info = self.adapter.info()
         try:
             plan = compressor.schedule(info.n_visual, arm.budget.target(info.n_visual), info)
         except Infeasible as exc:

@@ -129,6 +129,11 @@ class VLMAdapter(ABC):
     def info(self, n_visual: int | None = None) -> ModelInfo:
         """Model facts for ``schedule``; ``n_visual`` overrides the default per-image token count."""
 
+    def info_for(self, prompt: Prompt) -> ModelInfo:
+        """Model facts for one prompt's image or video (its token count, grid, crops, frames); by
+        default those of the model's default image."""
+        return self.info()
+
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], *, compressor: TokenCompressor | None = None,
                  budget: Budget | None = None, max_new_tokens: int = 8,

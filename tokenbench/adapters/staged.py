@@ -205,6 +205,10 @@ class StagedAdapter(VLMAdapter):
         generators = [torch.Generator().manual_seed(sample_seed(seed, key)) for key in keys]
         return Plan(compressor, sites, generators[0] if len(generators) == 1 else None, generators)
 
+    def info_for(self, prompt: Prompt) -> Any:
+        """The :class:`ModelInfo` of one prompt's image or video, as its plan will see it."""
+        return self._info_of(self._encode([prompt]))
+
     def _info_of(self, encoded: Encoded) -> Any:
         """The :class:`ModelInfo` of an encoded batch's image(s)."""
         return self.info(encoded.n_visual, grid=encoded.grid)

@@ -1,0 +1,22 @@
+"""A video task through the harness: the checks before the run see the video's frames."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from tokenbench.cli import cli
+
+
+def test_video_methods_are_planned_on_the_videos_frames(tmp_path):
+    """DyCoke needs frames to merge across: planned on the default image it would be infeasible at
+    every budget below 100%; planned on the task's first video it runs at 25% (its floor)."""
+    result = CliRunner().invoke(cli, ["run", "--model", "tiny-video-llava-shapes", "--tasks", "shapes-video",
+                                      "--methods", "dycoke", "--budgets", "25%", "--limit", "2",
+                                      "--no-efficiency", "--output", str(tmp_path / "out"), "--json"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    dycoke = [r for r in json.loads(result.stdout) if r["method"] == "dycoke"][0]
+    assert dycoke["infeasible"] is None
+    assert dycoke["n_visual"] == 512 and abs(dycoke["realised_ratio"] - 0.25) < 0.02
