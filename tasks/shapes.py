@@ -19,7 +19,7 @@ import random
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -339,24 +339,15 @@ def normalise_answer(text: str) -> str:
     return words[0] if words else ""
 
 
-class ShapesTask(Task):
-    """Synthetic shapes-and-letters visual QA; the embedded default task (see module docstring)."""
+class FamilyExactMatchTask(Task):
+    """One-word answers scored by exact match after :func:`normalise_answer`, with the accuracy
+    overall and per question family (``families``, in report order; ``meta["family"]`` is a
+    sample's). The synthetic tasks (``shapes``, ``shapes-video``) share it."""
 
-    name = "shapes"
     primary_metric = "accuracy"
     per_sample_score = "correct"
     metric_scale = 100.0
-    max_new_tokens = 3
-    source = "generated"
-    description = ("synthetic 336-px scenes: existence (POPE-style negatives), counting, colour, shape, "
-                   "left/right, reading a letter; one-word answers, exact match")
-
-    def samples(self, limit: int | None = None) -> Iterator[Sample]:
-        count = EVAL_SIZE if limit is None else min(limit, EVAL_SIZE)
-        for index in range(count):
-            example = make_example(EVAL_SPLIT, index)
-            yield Sample(id=f"shapes-{index:04d}", prompt=example.question, image=example.image,
-                         target=example.answer, meta=dict(example.meta))
+    families: ClassVar[tuple[str, ...]] = ()
 
     def score(self, sample: Sample, prediction: str) -> dict[str, Any]:
         return {"correct": float(normalise_answer(prediction) == sample.target)}
@@ -369,10 +360,28 @@ class ShapesTask(Task):
             by_family.setdefault(record["meta"]["family"], []).append(record["scores"]["correct"])
         overall = [c for values in by_family.values() for c in values]
         result = {"accuracy": 100.0 * sum(overall) / len(overall)}
-        for family in FAMILIES:
+        for family in self.families:
             if family in by_family:
                 result[f"accuracy/{family}"] = 100.0 * sum(by_family[family]) / len(by_family[family])
         return result
+
+
+class ShapesTask(FamilyExactMatchTask):
+    """Synthetic shapes-and-letters visual QA; the embedded default task (see module docstring)."""
+
+    name = "shapes"
+    families = FAMILIES
+    max_new_tokens = 3
+    source = "generated"
+    description = ("synthetic 336-px scenes: existence (POPE-style negatives), counting, colour, shape, "
+                   "left/right, reading a letter; one-word answers, exact match")
+
+    def samples(self, limit: int | None = None) -> Iterator[Sample]:
+        count = EVAL_SIZE if limit is None else min(limit, EVAL_SIZE)
+        for index in range(count):
+            example = make_example(EVAL_SPLIT, index)
+            yield Sample(id=f"shapes-{index:04d}", prompt=example.question, image=example.image,
+                         target=example.answer, meta=dict(example.meta))
 
 
 @tokenbench.hookimpl

@@ -21,22 +21,22 @@ Generated from a seed like ``shapes``: the evaluation split is ``split=0``; trai
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tokenbench.tasks.base import Sample, Task
+from tokenbench.tasks.base import Sample
 from tokenbench.tasks.shapes import (
     COLOURS,
     COUNT_WORDS,
     SHAPES,
+    FamilyExactMatchTask,
     Shape,
     _background,
     _draw_object,
     _overlaps,
-    normalise_answer,
 )
 
 import tokenbench
@@ -293,12 +293,11 @@ def make_example(split: int, index: int, family: str | None = None) -> VideoExam
     raise RuntimeError(f"could not build a {family} example for split {split}, index {index}")
 
 
-class ShapesVideoTask(Task):
+class ShapesVideoTask(FamilyExactMatchTask):
     """Synthetic 8-frame clips whose questions need several frames (see module docstring)."""
 
     name = "shapes-video"
-    primary_metric = "accuracy"
-    metric_scale = 100.0
+    families = FAMILIES
     max_new_tokens = 3
     source = "generated"
     description = ("synthetic 8-frame 224-px clips: direction of motion, which shape moves, appears or "
@@ -311,22 +310,6 @@ class ShapesVideoTask(Task):
             example = make_example(EVAL_SPLIT, index)
             yield Sample(id=f"shapes-video-{index:04d}", prompt=example.question, image=None,
                          target=example.answer, meta=dict(example.meta), video=example.frames)
-
-    def score(self, sample: Sample, prediction: str) -> dict[str, Any]:
-        return {"correct": float(normalise_answer(prediction) == sample.target)}
-
-    def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        if not records:
-            return {"accuracy": 0.0}
-        by_family: dict[str, list[float]] = {}
-        for record in records:
-            by_family.setdefault(record["meta"]["family"], []).append(record["scores"]["correct"])
-        overall = [c for values in by_family.values() for c in values]
-        result = {"accuracy": 100.0 * sum(overall) / len(overall)}
-        for family in FAMILIES:
-            if family in by_family:
-                result[f"accuracy/{family}"] = 100.0 * sum(by_family[family]) / len(by_family[family])
-        return result
 
 
 @tokenbench.hookimpl

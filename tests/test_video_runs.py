@@ -17,6 +17,6 @@ def test_video_methods_are_planned_on_the_videos_frames(tmp_path):
                                       "--no-efficiency", "--output", str(tmp_path / "out"), "--json"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    dycoke = [r for r in json.loads(result.stdout) if r["method"] == "dycoke"][0]
+    dycoke = next(r for r in json.loads(result.stdout) if r["method"] == "dycoke")
     assert dycoke["infeasible"] is None
     assert dycoke["n_visual"] == 512 and abs(dycoke["realised_ratio"] - 0.25) < 0.02
