@@ -219,16 +219,17 @@ def questions(scene: shapes.Scene, family: str, rng: random.Random, turns: int, 
 
 
 def conversation_ids(tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str] | Turn],
-                     n_visual: int) -> tuple[list[int], list[int], list[int]]:
+                     n_visual: int, placeholder: str = "<image>") -> tuple[list[int], list[int], list[int]]:
     """Several questions about one image in one sequence: (ids, labels, turn).
 
-    The sequence is the evaluation prompt's image prefix (``USER: <image>×n_visual``) followed by
+    The sequence is the evaluation prompt's image prefix (``USER: <image>×n_visual``; a video
+    model's ``placeholder`` is ``<video>``) followed by
     every ``question ASSISTANT: answer EOS``; ``turn`` is 0 on the prefix and k on the k-th question.
     :func:`turn_mask` lets each question see only the prefix and itself, so every turn is exactly
     the evaluation prompt and no answer can be copied from an earlier one. Labels are -100 except
     the answers and their EOS.
     """
-    ids = tokenizer.encode("USER: " + "<image>" * n_visual, add_special_tokens=False)
+    ids = tokenizer.encode("USER: " + placeholder * n_visual, add_special_tokens=False)
     labels = [-100] * len(ids)
     turn = [0] * len(ids)
     for k, (question, answer, *_) in enumerate(pairs, start=1):

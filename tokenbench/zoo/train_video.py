@@ -42,7 +42,7 @@ from transformers import (
 
 from tokenbench.tasks import shapes_video
 from tokenbench.tiny_models import word_level_tokenizer
-from tokenbench.zoo.data import pixel_values, turn_mask, vocabulary
+from tokenbench.zoo.data import conversation_ids, pixel_values, turn_mask, vocabulary
 
 PATCH = 28
 GRID = shapes_video.FRAME_SIZE // PATCH
@@ -207,20 +207,6 @@ def occupied_tokens(clip: shapes_video.Clip) -> torch.Tensor:
     return occupied.flatten()
 
 
-def conversation(tokenizer: PreTrainedTokenizerFast, turns: Sequence[tuple[str, str, str]], n_visual: int
-                 ) -> tuple[list[int], list[int], list[int]]:
-    """``USER: <video>×n_visual`` then every ``question ASSISTANT: answer EOS``: (ids, labels, turn)."""
-    ids = tokenizer.encode("USER: " + "<video>" * n_visual, add_special_tokens=False)
-    labels, turn = [-100] * len(ids), [0] * len(ids)
-    for k, (question, answer, _) in enumerate(turns, start=1):
-        prompt = tokenizer.encode(f"{question} ASSISTANT:", add_special_tokens=False)
-        reply = [tokenizer.convert_tokens_to_ids(answer), tokenizer.eos_token_id]
-        ids += prompt + reply
-        labels += [-100] * len(prompt) + reply
-        turn += [k] * (len(prompt) + len(reply))
-    return ids, labels, turn
-
-
 def make_batch(tokenizer: PreTrainedTokenizerFast, clips: Sequence[shapes_video.Clip], families: Sequence[str],
                rows: Sequence[int], seed: int, first_only: bool = False, background: float = 1.0) -> dict:
     """A right-padded batch of conversations about clips ``rows``. Only the occupied tokens and a
@@ -234,7 +220,7 @@ def make_batch(tokenizer: PreTrainedTokenizerFast, clips: Sequence[shapes_video.
         asked_families.append([t[2] for t in turns])
         kept = occupied_tokens(clips[row]) | (torch.rand(N_VISUAL, generator=generator) < background)
         kept_rows.append(kept.nonzero().flatten())
-        items.append(conversation(tokenizer, turns, len(kept_rows[-1])))
+        items.append(conversation_ids(tokenizer, turns, len(kept_rows[-1]), placeholder="<video>"))
     length = max(len(ids) for ids, _, _ in items)
     input_ids = torch.full((len(items), length), tokenizer.pad_token_id)
     labels = torch.full((len(items), length), -100)
