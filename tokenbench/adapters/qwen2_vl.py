@@ -147,21 +147,11 @@ class Qwen2VLAdapter(StagedAdapter):
         counts = (grid_thw.prod(dim=-1) // self.merge ** 2).tolist()
         if len(set(counts)) != 1:
             raise AdapterError("a batch must hold images of one size; generate() groups them for you")
-        texts = []
-        for prompt, count in zip(prompts, counts):
-            text = processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.text}]}],
-                add_generation_prompt=True, tokenize=False)
-            texts.append(text.replace(self.image_token, self.image_token * count, 1))
-        batch = processor.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-        device = self.device
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         image_id = self.model.config.image_token_id
-        grid_thw = grid_thw.to(device)
-        positions, _ = self.model.model.get_rope_index(
-            ids, mm_token_type_ids=(ids == image_id).int(), image_grid_thw=grid_thw, attention_mask=mask)
+        grid_thw = grid_thw.to(self.device)
+        ids, mask, positions = self._tokenize(prompts, "image", self.image_token, counts[0], image_id, grid_thw)
         t, h, w = grid_thw[0].tolist()
-        return Encoded(ids, mask, {"pixel_values": images["pixel_values"].to(device, self.dtype),
+        return Encoded(ids, mask, {"pixel_values": images["pixel_values"].to(self.device, self.dtype),
                                    "image_grid_thw": grid_thw}, image_id,
                        (t * h // self.merge, w // self.merge), positions=positions)
 
@@ -175,20 +165,29 @@ class Qwen2VLAdapter(StagedAdapter):
             raise AdapterError("a batch must hold videos of one frame size; generate() groups them for you")
         count = int(grid_thw[0].prod()) // self.merge ** 2
         video_token = getattr(processor.tokenizer, "video_token", None) or "<|video_pad|>"
-        texts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": p.text}]}],
-            add_generation_prompt=True, tokenize=False).replace(video_token, video_token * count, 1) for p in prompts]
-        batch = processor.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-        device = self.device
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         video_id = self.model.config.video_token_id
-        grid_thw = grid_thw.to(device)
-        positions, _ = self.model.model.get_rope_index(
-            ids, mm_token_type_ids=2 * (ids == video_id).int(), video_grid_thw=grid_thw, attention_mask=mask)
+        grid_thw = grid_thw.to(self.device)
+        ids, mask, positions = self._tokenize(prompts, "video", video_token, count, video_id, grid_thw)
         t, h, w = grid_thw[0].tolist()
-        return Encoded(ids, mask, {"pixel_values_videos": torch.cat(pixels).to(device, self.dtype),
+        return Encoded(ids, mask, {"pixel_values_videos": torch.cat(pixels).to(self.device, self.dtype),
                                    "video_grid_thw": grid_thw}, video_id,
                        (h // self.merge, w // self.merge), positions=positions, frames=t)
+
+    def _tokenize(self, prompts: Sequence[Prompt], kind: str, token: str, count: int, token_id: int,
+                  grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompts in the chat template with one ``kind`` ("image" or "video") placeholder
+        expanded to ``count`` ``token``s, left-padded: input ids, attention mask and the model's own
+        M-RoPE position ids for the ``grid_thw`` of that image or video."""
+        processor = self.processor
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": p.text}]}],
+            add_generation_prompt=True, tokenize=False).replace(token, token * count, 1) for p in prompts]
+        batch = processor.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        token_type = (1 if kind == "image" else 2) * (ids == token_id).int()  # get_rope_index's modality ids
+        positions, _ = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=token_type, attention_mask=mask, **{f"{kind}_grid_thw": grid_thw})
+        return ids, mask, positions
 
     def _video_pixels(self, frames: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """One video's ``pixel_values_videos`` [t·h·w, C·2·p·p] and ``video_grid_thw`` [1, 3]."""
