@@ -54,8 +54,8 @@ Deviations from the reference code (MaQianKun0/ApET @70cc01b), each a bug or qui
   the contract keeps surviving tokens in spatial order, so that order is not reproduced. The
   Video-LLaVA reference also keeps each frame's CLS token next to its 32 compressed tokens (33 per
   frame); adapters here hand the method the patch tokens only, so a frame gets 32. Its basis tokens
-  also follow their own frame's tokens; the contract appends ``extra`` tokens after all the kept
-  ones, so here every frame's basis tokens come last, in frame order.
+  follow their own frame's tokens, as here (``Reduction.extra_after``: a frame's basis tokens go
+  after its last token, before the next frame's CLS token).
 - LLaVA-NeXT reference: it budgets each 576-token crop (the base image and every high-resolution
   crop) on its own at the vision stage, and at the LLM stage re-prunes only the first crop's tokens.
   Here one plan covers the image's whole visual sequence at both stages, so the kept sets differ.
@@ -111,11 +111,14 @@ class ApetOutput(NamedTuple):
     - ``values`` [B, K, D]: their features after merging / basis insertion, in the input dtype.
     - ``extra`` [B, k, D]: the basis tokens appended after them (``basis_mode="append"`` with k >= 1),
       else None.
+    - ``extra_after`` [B, k]: where each ``extra`` token goes (``Reduction.extra_after``); None: after
+      all kept tokens.
     """
 
     keep: torch.Tensor
     values: torch.Tensor
     extra: torch.Tensor | None
+    extra_after: torch.Tensor | None = None
 
 
 def farthest_point_sampling(x: torch.Tensor, k: int, start: FpsStart | torch.Tensor = "random",
@@ -315,7 +318,7 @@ class ApET(TokenCompressor):
             out = self._compress(x.visual, x.keep, x)
         if out.keep.shape[1] == x.visual.shape[1]:
             return Reduction(out.keep)
-        return Reduction(out.keep, out.values, out.extra)
+        return Reduction(out.keep, out.values, out.extra, extra_after=out.extra_after)
 
     def _video_reference(self, frames: int) -> bool:
         return frames > 1 and self.options.video == "reference"
@@ -352,18 +355,22 @@ class ApET(TokenCompressor):
             raise ValueError(f"apet: the rows of a batch hold different {what} layouts")
         grouped = _gather_rows(x.visual, order)
         keeps = crop_keeps(counts.tolist(), x.keep)
-        positions, values, extras, offset = [], [], [], 0
+        positions, values, extras, places, offset = [], [], [], [], 0
         for count, keep in zip(counts.tolist(), keeps):
             if count and keep:
+                members = order[:, offset:offset + count]
                 out = self._compress(grouped[:, offset:offset + count], keep, x, basis_mode)
-                positions.append(order[:, offset:offset + count].gather(1, out.keep))
+                positions.append(members.gather(1, out.keep))
                 values.append(out.values)
-                if out.extra is not None:
+                if out.extra is not None:  # a group's new tokens follow its last token
                     extras.append(out.extra)
+                    places.append(members.max(dim=1, keepdim=True).values.expand(-1, out.extra.shape[1]))
             offset += count
         position, sort = torch.cat(positions, dim=1).sort(dim=1)
         value = _gather_rows(torch.cat(values, dim=1), sort)
-        return ApetOutput(position, value, torch.cat(extras, dim=1) if extras else None)
+        if not extras:
+            return ApetOutput(position, value, None)
+        return ApetOutput(position, value, torch.cat(extras, dim=1), torch.cat(places, dim=1))
 
     def _stage2_layer(self, info: ModelInfo) -> int:
         if Stage.LLM not in info.stages:

@@ -111,3 +111,21 @@ def test_video_model_without_projector_stage_falls_back_to_vision_out():
     info = ModelInfo(family="v", stages=frozenset({Stage.VISION_OUT, Stage.LLM}), grid=GRID, n_visual=2048,
                      arch=VIDEO_LLAVA.arch, frames=FRAMES)
     assert ApET().schedule(2048, 256, info) == [(Site(Stage.VISION_OUT), 256)]
+
+
+def test_each_frames_basis_tokens_stay_in_their_frame():
+    """``extra_after``: frame t's 10 basis tokens go after frame t's last token, so once applied the
+    sequence is frame t's 22 merged tokens, then its 10 basis tokens, then frame t+1's."""
+    from tokenbench.adapters.sites import VisualBlock, apply_reduction
+
+    x = video(2)
+    out = ApET(fps_start="first").reduce(site_input(x, keep=FRAMES * 32))
+    last = torch.arange(FRAMES).repeat_interleave(10) * PER_FRAME + PER_FRAME - 1
+    assert torch.equal(out.extra_after, last.expand(2, -1))
+    block = apply_reduction(VisualBlock.fresh(x), out).block
+    origin = block.origin[0]
+    frame_of_kept = torch.where(origin >= 0, origin.div(PER_FRAME, rounding_mode="floor"), -1)
+    expected = torch.cat([torch.cat([torch.full((22,), t), torch.full((10,), -1)]) for t in range(FRAMES)])
+    assert torch.equal(frame_of_kept, expected)
+    basis = block.tokens[0, origin < 0].view(FRAMES, 10, -1)
+    assert torch.equal(basis, out.extra[0].view(FRAMES, 10, -1))

@@ -117,3 +117,28 @@ def test_answers_held_out_clips(loaded):
     task = ShapesVideoTask()
     right = sum(task.score(s, r)["correct"] for s, r in zip(samples, replies, strict=True))
     assert right >= 12, list(zip([s.target for s in samples], replies))
+
+
+def test_training_only_questions_read_the_tracks():
+    """Each auxiliary answer is worked out again here from the clip's tracks: the column and row of
+    the named object's centre in the first or last frame it is shown in, and whether it moves."""
+    words = set(train_video.build_processor().tokenizer.get_vocab())
+    seen = set()
+    for index in range(12):
+        family = shapes_video.FAMILIES[index % 6]
+        clip, _ = shapes_video.make_clip(train_video.TRAIN_SPLIT, index, family)
+        for question, answer, asked in train_video.clip_questions(clip, family, random.Random(index), True):
+            assert answer in words and all(w in words for w in question.replace("?", " ?").split())
+            if asked not in train_video.AUXILIARY_FAMILIES:
+                continue
+            seen.add(asked)
+            colour, shape = question.split(" the ")[1].split()[:2]
+            track = next(t for t in clip.tracks if (t.colour, t.shape) == (colour, shape))
+            if asked == "moves":
+                assert answer == ("yes" if len(set(filter(None, track.path))) > 1 else "no")
+                continue
+            frame = [t for t in range(shapes_video.FRAMES) if track.path[t] is not None]
+            x, y = track.path[frame[0] if asked.startswith("start") else frame[-1]]
+            cell = (x if asked.endswith("column") else y) // train_video.PATCH + 1
+            assert answer == ("col" if asked.endswith("column") else "row") + str(cell)
+    assert seen == set(train_video.AUXILIARY_FAMILIES)

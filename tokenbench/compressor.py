@@ -238,6 +238,12 @@ class Reduction:
     - ``prefix`` [B, P, D]: optional new tokens placed *before* the kept ones (e.g. VisionZip's CLS
       token), origin -1; only at pre-LLM sites (``vision_out``, ``projector``), where they pass
       through the projector with the kept tokens. They count toward the plan's ``keep``.
+    - ``extra_after`` [B, E]: optional place of each ``extra`` token, as an index into
+      ``SiteInput.visual``: the token goes right after that token's place in the sequence (after
+      it if it is kept), before every kept token with a larger index; extras with the same place
+      keep their order. Default: all extras after the last kept token. A per-frame method puts a
+      frame's new tokens after that frame's last token, so they stay inside their frame (and, with
+      ``positions="original"``, take the position id of the token they follow).
     """
 
     keep: torch.Tensor
@@ -245,6 +251,7 @@ class Reduction:
     extra: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
     prefix: torch.Tensor | None = None
+    extra_after: torch.Tensor | None = None
 
     def check(self, x: SiteInput) -> None:
         """Raise ``ValueError`` if this reduction breaks the contract for input ``x``."""
@@ -268,6 +275,15 @@ class Reduction:
         if self.extra is not None and (self.extra.dim() != 3 or self.extra.shape[0] != b
                                        or self.extra.shape[2] != d):
             raise ValueError(f"extra must be [{b}, E, {d}], got {tuple(self.extra.shape)}")
+        if self.extra_after is not None:
+            e = self.extra.shape[1] if self.extra is not None else 0
+            if tuple(self.extra_after.shape) != (b, e):
+                raise ValueError(f"extra_after must be [{b}, {e}] (one place per extra token), "
+                                 f"got {tuple(self.extra_after.shape)}")
+            if self.extra_after.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"extra_after must hold integer indices, got {self.extra_after.dtype}")
+            if e and (self.extra_after.min() < 0 or self.extra_after.max() >= n):
+                raise ValueError(f"extra_after indices must lie in [0, {n})")
         if self.sizes is not None and tuple(self.sizes.shape) != (b, k):
             raise ValueError(f"sizes must be [{b}, {k}], got {tuple(self.sizes.shape)}")
         if self.prefix is not None:

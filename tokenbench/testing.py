@@ -167,7 +167,7 @@ def check_reduction(compressor: TokenCompressor, x: SiteInput) -> Reduction:
 
 def _same(a: Reduction, b: Reduction) -> bool:
     pairs = [(a.keep, b.keep), (a.values, b.values), (a.extra, b.extra), (a.sizes, b.sizes),
-             (a.prefix, b.prefix)]
+             (a.prefix, b.prefix), (a.extra_after, b.extra_after)]
     return all((p is None and q is None) or (p is not None and q is not None and torch.equal(p, q))
                for p, q in pairs)
 

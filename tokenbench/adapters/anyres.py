@@ -25,7 +25,7 @@ from tokenbench.adapters.sites import (
     Applied,
     CropLayout,
     VisualBlock,
-    appended_line,
+    block_lines,
     interleave,
 )
 from tokenbench.adapters.staged import Encoded
@@ -65,7 +65,7 @@ class AnyresLayout:
         b, device = origin.shape[0], origin.device
         found = origin >= 0
         at = origin.clamp(min=0)
-        line = torch.where(found, self.visual_line.to(device)[at], appended_line(origin))
+        line = block_lines(origin, self.visual_line.to(device)[at])
         source = torch.where(found, self.visual_span.to(device)[at], -1)
         n_newlines = self.newline_span.shape[0]
         newlines = newline.to(block.tokens)[None, None].expand(b, n_newlines, -1)

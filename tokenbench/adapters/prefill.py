@@ -10,7 +10,8 @@ tables per layer from that layer's own cache and position bookkeeping.
 Position ids: ``[B, S]`` (RoPE) or ``[3, B, S]`` (M-RoPE). A surviving token keeps the position id
 it had (policy ``original``) or the sequence is renumbered ``0..L'-1`` (policy ``contiguous``).
 Tokens a method appends (``Reduction.extra``) take the position id of the last slot of the visual
-span they replace, so the text after the image keeps its own positions. A decode step at layer
+span they replace, so the text after the image keeps its own positions; one placed between
+surviving tokens (``Reduction.extra_after``) takes the position id of the token before it. A decode step at layer
 ``l`` uses ``1 + the largest position that layer saw`` plus the step: with ``original`` that is
 the uncompressed next position (Qwen2-VL's ``rope_deltas`` arithmetic), with ``contiguous`` the
 layer's own cache length (FastV's shifted decode positions).
@@ -50,6 +51,7 @@ from tokenbench.adapters.sites import (
     Applied,
     CropLayout,
     VisualBlock,
+    anchored_source,
     newline_positions,
     run_site,
     visual_positions,
@@ -140,7 +142,7 @@ def splice(seq: TokenSequence, applied: Applied, policy: str) -> TokenSequence:
     in_visual = (j >= start) & (j < start + k)
     relative = (j - start).clamp(0, max(k - 1, 0))
     text_source = torch.where(j < start, j, j - k + n).clamp(0, s - 1)
-    old_visual = applied.source.gather(1, relative) if k else relative
+    old_visual = anchored_source(applied.source).gather(1, relative) if k else relative
     visual_source = start + torch.where(old_visual >= 0, old_visual, n - 1)
     source = torch.where(in_visual, visual_source, text_source)  # [B, S'] index into the old sequence
     text_hidden = hidden.gather(1, text_source.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

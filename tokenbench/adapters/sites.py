@@ -24,13 +24,32 @@ AFTER_ALL_LINES = 2 ** 40  # layout line of appended tokens: they follow the las
 BEFORE_ALL_LINES = -(2 ** 40)  # layout line of prefix tokens (``Reduction.prefix``): they lead the span
 
 
-def appended_line(origin: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` layout line of the appended tokens (origin < 0) of a block: the leading ones are a
-    ``prefix`` (``apply_reduction`` puts it first) and go before every layout token, the others
-    follow the last one; visual tokens get 0 (the caller takes their own line)."""
-    leading = (origin >= 0).long().cumsum(dim=1) == 0
-    line = torch.where(leading, BEFORE_ALL_LINES, AFTER_ALL_LINES)
-    return torch.where(origin >= 0, 0, line)
+def block_lines(origin: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` layout line of every token of a block whose visual tokens (origin >= 0) lie on
+    ``line`` [B, N] (read only there). Appended tokens (origin < 0): the leading ones are a
+    ``prefix`` (``apply_reduction`` puts it first) and go before every layout token, the trailing
+    ones follow the last one, and one between visual tokens (``Reduction.extra_after``) shares
+    the line of the visual token before it, so it stays in that token's line (or frame)."""
+    found = origin >= 0
+    n = origin.shape[1]
+    index = torch.arange(n, device=origin.device).expand_as(origin)
+    before = torch.where(found, index, -1).cummax(dim=1).values  # the last visual token so far
+    trailing = found.flip(1).long().cumsum(dim=1).flip(1) == 0  # no visual token from here on
+    appended = torch.where(before < 0, BEFORE_ALL_LINES,
+                           torch.where(trailing, AFTER_ALL_LINES, line.gather(1, before.clamp(min=0))))
+    return torch.where(found, line, appended)
+
+
+def anchored_source(source: torch.Tensor) -> torch.Tensor:
+    """``source`` [B, K] (index into the old span, -1 for appended tokens) with every appended token
+    that lies between surviving ones (``Reduction.extra_after``) mapped to the token before it,
+    so it takes that token's position id; leading and trailing appended tokens stay -1."""
+    found = source >= 0
+    index = torch.arange(source.shape[1], device=source.device).expand_as(source)
+    before = torch.where(found, index, -1).cummax(dim=1).values
+    trailing = found.flip(1).long().cumsum(dim=1).flip(1) == 0
+    interior = ~found & (before >= 0) & ~trailing
+    return torch.where(interior, source.gather(1, before.clamp(min=0)), source)
 
 
 @dataclass(frozen=True)
@@ -107,8 +126,8 @@ def run_site(compressor: TokenCompressor, site: Site, keep: int, block: VisualBl
 
 
 def apply_reduction(block: VisualBlock, reduction: Reduction) -> Applied:
-    """Gather the kept tokens (or their merged ``values``), append ``extra`` tokens and put
-    ``prefix`` tokens first (both with origin -1)."""
+    """Gather the kept tokens (or their merged ``values``), add ``extra`` tokens (after them all, or
+    each at its ``extra_after`` place) and put ``prefix`` tokens first (both with origin -1)."""
     keep = reduction.keep.to(block.tokens.device, torch.long)
     b = keep.shape[0]
     tokens = reduction.values if reduction.values is not None else _take(block.tokens, keep)
@@ -124,6 +143,11 @@ def apply_reduction(block: VisualBlock, reduction: Reduction) -> Applied:
         origin = torch.cat([origin, minus], dim=1)
         sizes = torch.cat([sizes, torch.ones(b, n_extra, dtype=sizes.dtype, device=sizes.device)], dim=1)
         source = torch.cat([keep, minus], dim=1)
+        if reduction.extra_after is not None:  # each extra right after its place, kept tokens in order
+            place = reduction.extra_after.to(keep.device, torch.long)
+            order = torch.cat([2 * keep, 2 * place + 1], dim=1).argsort(dim=1, stable=True)
+            tokens, origin, sizes, source = (_take(tokens, order), origin.gather(1, order),
+                                             sizes.gather(1, order), source.gather(1, order))
     if reduction.prefix is not None and reduction.prefix.shape[1]:
         n_prefix = reduction.prefix.shape[1]
         tokens = torch.cat([reduction.prefix.to(tokens), tokens], dim=1)
@@ -179,6 +203,6 @@ def with_newlines(applied: Applied, span: VisualBlock, visual_at: torch.Tensor) 
     assert span.line is not None, "a span with newline tokens carries their lines"
     source = applied.source
     span_source = torch.where(source >= 0, visual_at.gather(1, source.clamp(min=0)), -1)
-    line = torch.where(source >= 0, span.line.gather(1, span_source.clamp(min=0)), AFTER_ALL_LINES)
+    line = block_lines(source, span.line.gather(1, span_source.clamp(min=0)))
     at = newline_positions(span)
     return interleave(applied, line, span_source, _take(span.tokens, at), span.line.gather(1, at), at)

@@ -45,7 +45,7 @@ from tokenbench.adapters.placement import execution_device
 from tokenbench.adapters.prefill import LLM_SITE_SIGNALS, TokenSequence
 from tokenbench.adapters.probe import head_mean_probs, head_mean_received
 from tokenbench.adapters.qwen2_vl import load_processor
-from tokenbench.adapters.sites import Applied, VisualBlock, appended_line, interleave, run_site
+from tokenbench.adapters.sites import Applied, VisualBlock, block_lines, interleave, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
 from tokenbench.compressor import ModelInfo, Site, Stage
 
@@ -200,8 +200,8 @@ class VideoLlavaAdapter(StagedAdapter):
 
     def _span(self, encoded: Encoded, block: VisualBlock) -> Applied:
         """For a video, each frame's CLS token goes back just before the surviving patches of its
-        frame (layout line t−1 of the frame-t patches' line t); appended tokens follow them all, a
-        ``prefix`` precedes them all."""
+        frame (layout line t−1 of the frame-t patches' line t); appended tokens follow them all, or
+        stay in the frame ``Reduction.extra_after`` puts them in; a ``prefix`` precedes them all."""
         if not isinstance(encoded, VideoEncoded) or not encoded.is_video:
             return super()._span(encoded, block)
         h, w = encoded.grid
@@ -209,7 +209,7 @@ class VideoLlavaAdapter(StagedAdapter):
         origin = block.origin
         found = origin >= 0
         frame = origin.clamp(min=0) // per_frame
-        line = torch.where(found, frame, appended_line(origin))
+        line = block_lines(origin, frame)
         source = torch.where(found, frame * (per_frame + 1) + 1 + origin.clamp(min=0) % per_frame, -1)
         cls = encoded.frame_cls
         b, frames = cls.shape[:2]

@@ -42,15 +42,23 @@ from transformers import (
 
 from tokenbench.tasks import shapes_video
 from tokenbench.tiny_models import word_level_tokenizer
-from tokenbench.zoo.data import conversation_ids, pixel_values, turn_mask, vocabulary
+from tokenbench.zoo.data import COLUMN_WORDS, conversation_ids, pixel_values, turn_mask, vocabulary
 
 PATCH = 28
 GRID = shapes_video.FRAME_SIZE // PATCH
 TOKENS_PER_FRAME = GRID * GRID + 1  # Video-LLaVA keeps each frame's CLS token
 N_VISUAL = shapes_video.FRAMES * TOKENS_PER_FRAME
 TRAIN_SPLIT, VALIDATION_SPLIT = 2, 3
+ROW_WORDS = tuple(f"row{k}" for k in range(1, GRID + 1))
 VIDEO_WORDS = ("way", "does", "move", "moves", "appears", "disappears", "half", "visible", "first", "last",
-               "up", "down", "different", "shapes", "video")
+               "up", "down", "different", "shapes", "video", "row", *ROW_WORDS)  # new words go last: ids stay
+# Training-only questions, each a step towards an evaluated skill with a richer answer than the
+# evaluation's (as ``tokenbench.zoo.train`` does for images):
+# - start-column / start-row / end-column / end-row, "which column is the red circle in first?"
+#   (col1 .. col8, row1 .. row8 of the frame's 8×8 grid, in the first or last frame the object is
+#   shown): reading one object's place in one frame, the two halves of ``direction``;
+# - moves, "does the red circle move?" (yes / no): ``moving`` for one named object.
+AUXILIARY_FAMILIES = ("start-column", "start-row", "end-column", "end-row", "moves")
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | upper }}: "
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -162,12 +170,38 @@ def build_from_image_model(image_dir: Path, tokenizer: PreTrainedTokenizerFast,
 # ----------------------------------------------------------------------------------- data
 
 
-def clip_questions(clip: shapes_video.Clip, family: str, rng: random.Random) -> list[tuple[str, str, str]]:
-    """Every question family the clip answers, the family it was built for first: (q, a, family)."""
+def ask_auxiliary(family: str, clip: shapes_video.Clip, rng: random.Random) -> tuple[str, str] | None:
+    """One training-only question (see :data:`AUXILIARY_FAMILIES`) about an object the clip names
+    unambiguously by colour and shape, or None when it has none; ``moves`` asks about the moving
+    object half of the time when there is one."""
+    names = [(t.shape, t.colour) for t in clip.tracks]
+    named = [t for t in clip.tracks if t.visible and names.count((t.shape, t.colour)) == 1]
+    if not named:
+        return None
+    movers = [t for t in named if t.moves]
+    track = rng.choice(movers if family == "moves" and movers and rng.random() < 0.5 else named)
+    name = f"{track.colour} {track.shape}"
+    if family == "moves":
+        return f"does the {name} move?", "yes" if track.moves else "no"
+    end = "first" if family.startswith("start") else "last"
+    x, y = track.path[track.visible[0] if end == "first" else track.visible[-1]]
+    if family.endswith("column"):
+        return f"which column is the {name} in {end}?", COLUMN_WORDS[min(x // PATCH, GRID - 1)]
+    return f"which row is the {name} in {end}?", ROW_WORDS[min(y // PATCH, GRID - 1)]
+
+
+def clip_questions(clip: shapes_video.Clip, family: str, rng: random.Random,
+                   auxiliary: bool = False) -> list[tuple[str, str, str]]:
+    """Every question family the clip answers, the family it was built for first, then (with
+    ``auxiliary``) one question of each training-only family: (q, a, family)."""
     order = [family, *rng.sample([f for f in shapes_video.FAMILIES if f != family], len(shapes_video.FAMILIES) - 1)]
     asked = []
     for each in order:
         pair = shapes_video.ask(each, clip, rng)
+        if pair is not None:
+            asked.append((*pair, each))
+    for each in AUXILIARY_FAMILIES if auxiliary else ():
+        pair = ask_auxiliary(each, clip, rng)
         if pair is not None:
             asked.append((*pair, each))
     return asked
@@ -208,14 +242,16 @@ def occupied_tokens(clip: shapes_video.Clip) -> torch.Tensor:
 
 
 def make_batch(tokenizer: PreTrainedTokenizerFast, clips: Sequence[shapes_video.Clip], families: Sequence[str],
-               rows: Sequence[int], seed: int, first_only: bool = False, background: float = 1.0) -> dict:
+               rows: Sequence[int], seed: int, first_only: bool = False, background: float = 1.0,
+               auxiliary: bool = False) -> dict:
     """A right-padded batch of conversations about clips ``rows``. Only the occupied tokens and a
     ``background`` fraction of the others reach the decoder (``visual_index``), each at its own
-    position in the full video (so the positions are the evaluation prompt's)."""
+    position in the full video (so the positions are the evaluation prompt's). ``auxiliary`` adds
+    the training-only questions."""
     generator = torch.Generator().manual_seed(seed)
     items, asked_families, kept_rows = [], [], []
     for row in rows:
-        turns = clip_questions(clips[row], families[row], random.Random(seed * 1_000_003 + row))
+        turns = clip_questions(clips[row], families[row], random.Random(seed * 1_000_003 + row), auxiliary)
         turns = turns[:1] if first_only else turns
         asked_families.append([t[2] for t in turns])
         kept = occupied_tokens(clips[row]) | (torch.rand(N_VISUAL, generator=generator) < background)
@@ -315,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="share of the unoccupied visual tokens the decoder sees (the rest are dropped)")
     parser.add_argument("--full-from", type=float, default=0.8,
                         help="fraction of the steps after which the decoder sees every visual token")
+    parser.add_argument("--auxiliary", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the training-only questions (object column, row and motion) to every clip")
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-limit", type=int, default=600)
@@ -336,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.init_model:
         model = VideoLlavaForConditionalGeneration.from_pretrained(args.init_model)
         torch.manual_seed(args.seed)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):  # words added since it was saved
+            model.resize_token_embeddings(len(tokenizer))
     else:
         model = build_from_image_model(args.image_model, tokenizer, args.seed)
     model.eval()
@@ -366,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for step in range(args.steps):
         rows = torch.randint(len(clips), (args.batch,), generator=generator).tolist()
         background = args.background if step < args.full_from * args.steps else 1.0
-        data = make_batch(tokenizer, clips, families, rows, seed=args.seed * 100_003 + step, background=background)
+        data = make_batch(tokenizer, clips, families, rows, seed=args.seed * 100_003 + step, background=background,
+                          auxiliary=args.auxiliary)
         for group in optimiser.param_groups:
             group["lr"] = _lr(step, args.steps, args.lr, warmup=50)
         logits = batch_logits(model, features, data)[:, :-1]
