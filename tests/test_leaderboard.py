@@ -257,3 +257,23 @@ def test_tables_show_the_paired_speed_up_with_its_range():
     rows = _table_rows(render_markdown(records), "### tiny-llava-shapes · budget 192")
     column = rows[0].index("TTFT speed-up ↑ [range]")
     assert [row[column] for row in rows[2:]] == ["—", "1.50× [1.25–1.75]", "n/c"]  # fastv: other hardware
+
+
+def test_tasks_with_families_get_a_table_of_scores_per_family():
+    records = json.loads(json.dumps(golden_records()))
+    shapes = [r for r in records if r["model"] == "tiny-llava-shapes"]
+    for k, record in enumerate(shapes):
+        record["metrics"] = {"accuracy": record["score"], "accuracy/colour": 90.0 + k, "accuracy/counting": 10.0 * k}
+    text = render_markdown(records)
+    section = text.split("## tiny-llava-shapes\n", 1)[1].split("\n## ")[0]
+    table = section.split("by part (accuracy per colour / counting)\n\n", 1)[1].split("\n\n")[0].splitlines()
+    assert [c.strip() for c in table[0].split("|")[1:-1]] == ["method", "budget", "colour", "counting", "all"]
+    body = [[c.strip() for c in row.split("|")[1:-1]] for row in table[2:]]
+    assert body[0][:2] == ["none", "—"] and [row[0] for row in body].count("none") == 1
+    feasible = [r for r in shapes if not r.get("infeasible") and r["method"] != "none"]
+    assert len(body) == 1 + len(feasible)
+    by_row = {(r["method"], r["budget"] or "—"): r for r in shapes}
+    for row in body:
+        record = by_row[(row[0], row[1])]
+        assert row[2:4] == [f"{record['metrics']['accuracy/colour']:.1f}", f"{record['metrics']['accuracy/counting']:.1f}"]
+    assert "by part" not in render_markdown(golden_records())  # records without parts: no table

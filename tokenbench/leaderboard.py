@@ -221,6 +221,31 @@ def _table(model: str, budget: str | None, runs: list[dict[str, Any]], baseline:
     return "\n\n".join([table, *notes])
 
 
+MAX_BREAKDOWN_PARTS = 12  # a task with more parts (MMBench's 20 skills) gets no breakdown table
+
+
+def _breakdown(model: str, task: str, runs: Sequence[dict[str, Any]], budgets: Sequence[str]) -> str | None:
+    """The task's score per part (``accuracy/<family>`` and the like) for the baseline and every
+    feasible method at every budget of ``runs`` (a section's records), or None when its records
+    carry no parts (or too many)."""
+    rows_of = [r for r in runs if r["task"] == task and not r.get("infeasible") and r.get("metrics")]
+    if not rows_of:
+        return None
+    primary = rows_of[0].get("primary_metric") or ""
+    parts = list(dict.fromkeys(k.split("/", 1)[1] for r in rows_of for k in r["metrics"]
+                               if k.startswith(f"{primary}/")))
+    if not parts or len(parts) > MAX_BREAKDOWN_PARTS:
+        return None
+    ordered = [r for r in rows_of if r["budget"] is None and r["method"] == BASELINE]
+    for budget in budgets:
+        ordered += sorted((r for r in rows_of if r["budget"] == budget and not over_budget(r)),
+                          key=lambda r: r["method"])
+    rows = [[r["method"], r["budget"] or "—", *[_fmt(r["metrics"].get(f"{primary}/{part}")) for part in parts],
+             _fmt(r.get("score"))] for r in ordered]
+    table = tabulate(rows, headers=["method", "budget", *parts, "all"], tablefmt="github", disable_numparse=True)
+    return f"### {model} · {task} by part ({primary} per {' / '.join(parts)})\n\n{table}"
+
+
 # ------------------------------------------------------------------------------------------ render
 
 def render_markdown(records: Sequence[dict[str, Any]], *, page: bool = True) -> str:
@@ -252,6 +277,9 @@ def render_markdown(records: Sequence[dict[str, Any]], *, page: bool = True) -> 
             out += [f"### {model} · budget {budget}", "", _table(model, budget, runs, baseline, tasks, footnotes), ""]
         if not budgets and baseline:
             out += [f"### {model} · uncompressed", "", _table(model, None, [], baseline, tasks, footnotes), ""]
+        for task in tasks:
+            if table := _breakdown(model, task, model_runs, budgets):
+                out += [table, ""]
         if note := _cpu_note(model_runs):
             out += [note, ""]
         if page:
