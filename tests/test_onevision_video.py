@@ -214,3 +214,49 @@ def test_refusals_name_the_signal_and_the_modality_mix(request):
         a.run([*video_prompts(1), Prompt(image(0, 98), "how many ?")])
     mixed = [*video_prompts(1), Prompt(image(0, 98), "how many ?"), *video_prompts(1, 2)]
     assert [g.trace.n_visual for g in a.generate(mixed, max_new_tokens=1)] == [N_VISUAL, 98, 2 * PER_FRAME]
+
+
+def test_shipped_config_takes_videos(tmp_path):
+    """``--model llava-onevision-7b`` (random weights) narrowed to tiny widths: a 384 px frame is 27×27
+    SigLIP patches pooled to 14×14, so 8 frames are 8 × 196 = 1568 visual tokens plus the newline."""
+    import json
+    from pathlib import Path
+
+    import tokenbench
+    from tokenbench.random_model import random_weight_adapter
+
+    raw = json.loads((Path(tokenbench.__file__).parent / "configs" / "llava-onevision-7b.json").read_text())
+    small = raw | {
+        "text_config": raw["text_config"] | {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                             "num_attention_heads": 4, "num_key_value_heads": 2},
+        "vision_config": raw["vision_config"] | {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                                 "num_attention_heads": 2}}
+    path = tmp_path / "llava-onevision-7b.json"
+    path.write_text(json.dumps(small))
+    a = random_weight_adapter(path, load_registry(), dtype=torch.float32, attn="sdpa", device=torch.device("cpu"))
+    prompt = video_prompts(1, 8, size=64)
+    info = a.info_for(prompt[0])
+    assert (info.frames, info.grid, info.n_visual) == (8, (14, 14), 1568)
+    trace = a.generate(prompt, max_new_tokens=2)[0].trace
+    assert trace.n_visual == 1568 and trace.llm_visual == [1568, 1568] and trace.vision == [729, 729]
+    assert int((a._encode(prompt).input_ids == a.model.config.video_token_id).sum()) == 1569
+
+
+def test_tokenbench_run_on_shapes_video(request, tmp_path):
+    """``tokenbench run --model DIR --tasks shapes-video`` on a saved tiny OneVision: video methods are
+    planned on the clips' 8 frames (8 × 16 tokens) and meet their budgets."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tokenbench.cli import cli
+
+    model = request.getfixturevalue("tiny_llava_onevision_video_dir")
+    result = CliRunner().invoke(cli, ["run", "--model", str(model), "--tasks", "shapes-video", "--methods",
+                                      "random,dycoke", "--budgets", "25%", "--limit", "2", "--no-efficiency",
+                                      "--output", str(tmp_path / "out"), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = {row["method"]: row for row in json.loads(result.stdout)}
+    for method in ("random", "dycoke"):
+        assert rows[method]["infeasible"] is None and rows[method]["n_errors"] == 0
+        assert rows[method]["n_visual"] == 8 * PER_FRAME and rows[method]["realised_ratio"] == 0.25
