@@ -51,3 +51,12 @@ def tiny_video_llava_dir(tmp_path_factory):
     from tokenbench.tiny_models import tiny_video_llava
 
     return tiny_video_llava(tmp_path_factory.mktemp("tiny-video-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_onevision_video_dir(tmp_path_factory):
+    """A LLaVA-OneVision checkpoint at 98 px: a video frame is 7×7 SigLIP patches, pooled by the model
+    to 4×4 tokens (an odd grid, like the real 27×27 → 14×14)."""
+    from tokenbench.tiny_models import tiny_llava_onevision
+
+    return tiny_llava_onevision(tmp_path_factory.mktemp("tiny-llava-onevision-video"), image_size=98)

@@ -341,7 +341,7 @@ ONEVISION_VIDEO_TOKEN = "<video>"
 def onevision_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with LLaVA-OneVision's ``<image>`` and ``<video>`` tokens."""
     return word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN],
-                                chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN),
+                                chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN),
                                 extra_attributes={"image_token": LLAVA_IMAGE_TOKEN,
                                                   "video_token": ONEVISION_VIDEO_TOKEN})
 
@@ -393,11 +393,13 @@ def tiny_llava_next(directory: str | Path, *, words: Sequence[str] = DEFAULT_WOR
 
 
 def tiny_llava_onevision(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, vision_layers: int = 2,
-                         llm_layers: int = 4, seed: int = 0) -> Path:
-    """A random-weight LLaVA-OneVision: SigLIP at 56 px, patch 14 (4×4 = 16 tokens per crop, no CLS),
-    sub-crops tiled from 1×1 … 4×4 pinpoints with ``anyres_max_9`` (grids above nine crops are pooled),
-    Qwen2 decoder of hidden size 64. Saved as tokenizer + image processor (the processor class needs
-    torchvision for its video processor; ``AutoProcessor`` assembles it where that is installed)."""
+                         llm_layers: int = 4, image_size: int = 56, seed: int = 0) -> Path:
+    """A random-weight LLaVA-OneVision: SigLIP at ``image_size`` px, patch 14 (4×4 = 16 tokens per crop
+    at 56 px, no CLS), sub-crops tiled from 1×1 … 4×4 pinpoints with ``anyres_max_9`` (grids above nine
+    crops are pooled), Qwen2 decoder of hidden size 64. A video frame is one crop pooled 2×2 by the
+    model (2×2 tokens at 56 px; 4×4 at 98 px, whose odd 7×7 grid pools like the real 27×27 → 14×14).
+    Saved as tokenizer + image processor (the processor class needs torchvision for its video
+    processor; ``AutoProcessor`` assembles it where that is installed)."""
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -406,7 +408,6 @@ def tiny_llava_onevision(directory: str | Path, *, words: Sequence[str] = DEFAUL
 
     directory = Path(directory)
     tokenizer = onevision_tokenizer(words)
-    image_size = 56
     pinpoints = [[image_size * a, image_size * b] for a in range(1, 5) for b in range(1, 5)]
     vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": vision_layers, "num_attention_heads": 2, "image_size": image_size,
