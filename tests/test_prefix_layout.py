@@ -87,8 +87,9 @@ def test_llava_next_extra_after_precedes_its_rows_newline(request):
 def test_anchored_source_gives_interior_extras_the_position_before_them():
     from tokenbench.adapters.sites import anchored_source
 
-    source = torch.tensor([[-1, 0, 3, -1, -1, 5, -1]])
-    assert anchored_source(source).tolist() == [[-1, 0, 3, 3, 3, 5, -1]]
+    source = torch.tensor([[-1, 0, 3, -1, -1, 5, -1, 6, -1]])
+    origin = torch.tensor([[-1, 0, 3, -1, -1, 5, -1, NEWLINE, -1]])  # a layout token after the last visual one
+    assert anchored_source(source, origin).tolist() == [[-1, 0, 3, 3, 3, 5, -1, 6, -1]]
 
 
 def test_extra_after_is_checked():

@@ -53,7 +53,7 @@ from tokenbench.adapters.sites import (
     AFTER_ALL_LINES,
     Applied,
     VisualBlock,
-    appended_line,
+    block_lines,
     interleave,
     run_site,
 )
@@ -263,13 +263,14 @@ class LlavaOnevisionAdapter(AnyresImages, StagedAdapter):
 
     def _span(self, encoded: Encoded, block: VisualBlock) -> Applied:
         """For a video, the span is the surviving tokens (frame-major, a ``prefix`` first, appended
-        tokens after them) and the video's one newline last, where the stock model puts it."""
+        tokens after them or at their ``extra_after`` place) and the video's one newline last, where the
+        stock model puts it."""
         if not _is_video(encoded):
             return super()._span(encoded, block)
         origin = block.origin
         b = origin.shape[0]
         found = origin >= 0
-        line = torch.where(found, 0, appended_line(origin))
+        line = block_lines(origin, torch.zeros_like(origin))
         source = torch.where(found, origin, -1)
         newline = self.model.model.image_newline.to(block.tokens)[None, None].expand(b, 1, -1)
         after = torch.full((b, 1), AFTER_ALL_LINES, dtype=torch.long, device=origin.device)

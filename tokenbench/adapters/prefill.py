@@ -142,7 +142,7 @@ def splice(seq: TokenSequence, applied: Applied, policy: str) -> TokenSequence:
     in_visual = (j >= start) & (j < start + k)
     relative = (j - start).clamp(0, max(k - 1, 0))
     text_source = torch.where(j < start, j, j - k + n).clamp(0, s - 1)
-    old_visual = anchored_source(applied.source).gather(1, relative) if k else relative
+    old_visual = anchored_source(applied.source, applied.block.origin).gather(1, relative) if k else relative
     visual_source = start + torch.where(old_visual >= 0, old_visual, n - 1)
     source = torch.where(in_visual, visual_source, text_source)  # [B, S'] index into the old sequence
     text_hidden = hidden.gather(1, text_source.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

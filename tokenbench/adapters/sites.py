@@ -40,15 +40,16 @@ def block_lines(origin: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
     return torch.where(found, line, appended)
 
 
-def anchored_source(source: torch.Tensor) -> torch.Tensor:
-    """``source`` [B, K] (index into the old span, -1 for appended tokens) with every appended token
-    that lies between surviving ones (``Reduction.extra_after``) mapped to the token before it,
-    so it takes that token's position id; leading and trailing appended tokens stay -1."""
-    found = source >= 0
+def anchored_source(source: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+    """``source`` [B, K] (index into the old span, -1 for appended tokens) of a span whose tokens
+    have ``origin`` [B, K], with every appended token (origin -1) that a visual token (origin >= 0)
+    follows (``Reduction.extra_after``) mapped to the token before it, so it takes that token's
+    position id; leading appended tokens, and those after the last visual token, stay -1."""
+    appended = origin == -1
     index = torch.arange(source.shape[1], device=source.device).expand_as(source)
-    before = torch.where(found, index, -1).cummax(dim=1).values
-    trailing = found.flip(1).long().cumsum(dim=1).flip(1) == 0
-    interior = ~found & (before >= 0) & ~trailing
+    before = torch.where(appended, -1, index).cummax(dim=1).values
+    visual_after = (origin >= 0).flip(1).long().cumsum(dim=1).flip(1) > 0
+    interior = appended & (before >= 0) & visual_after
     return torch.where(interior, source.gather(1, before.clamp(min=0)), source)
 
 
