@@ -31,14 +31,15 @@ from tokenbench.adapters.prefill import LLM_SITE_SIGNALS, TokenSequence
 from tokenbench.adapters.qwen2_vl import load_processor
 from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
-from tokenbench.compressor import ModelInfo, Site, Stage
+from tokenbench.compressor import DECODE_SIGNALS, ModelInfo, Site, Stage
 
 
 class LlavaOnevisionAdapter(AnyresImages, StagedAdapter):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
-    stages = frozenset({Stage.PROJECTOR, Stage.LLM})
-    served_signals: ClassVar[dict[Stage, frozenset[str]]] = {Stage.PROJECTOR: frozenset({"text"}), Stage.LLM: LLM_SITE_SIGNALS}
+    stages = frozenset({Stage.PROJECTOR, Stage.LLM, Stage.DECODE})
+    served_signals: ClassVar[dict[Stage, frozenset[str]]] = {Stage.PROJECTOR: frozenset({"text"}), Stage.LLM: LLM_SITE_SIGNALS,
+                                                             Stage.DECODE: DECODE_SIGNALS}
     description = "LLaVA-OneVision (images): SigLIP anyres crops pooled to anyres_max_9, newline per row, Qwen2"
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
