@@ -16,6 +16,8 @@ from tokenbench.methods.dycoke import DyCoke
 from tokenbench import Budget, DecodeInput, DecodeView, Infeasible, ModelInfo, Site, Stage
 from tokenbench.adapters.base import Prompt, TokenTrace
 from tokenbench.adapters.llava import LlavaAdapter
+from tokenbench.adapters.llava_next import LlavaNextAdapter
+from tokenbench.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenbench.adapters.prefill import contiguous_positions
 from tokenbench.adapters.qwen2_vl import Qwen2VLAdapter
 from tokenbench.adapters.video_llava import VideoLlavaAdapter
@@ -250,13 +252,18 @@ def test_decode_flops_count_the_view(request):
     assert saved == 2 * 2 * arch.llm_hidden * dropped * steps * (arch.llm_layers - 1)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+IMAGE_FAMILIES = {"llava": (LlavaAdapter, (336, 336)), "qwen2_vl": (Qwen2VLAdapter, (224, 224)),
+                  "llava_next": (LlavaNextAdapter, (150, 100)), "llava_onevision": (LlavaOnevisionAdapter, (150, 100))}
+
+
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
 def test_image_families_decode_through_the_view(request, family):
-    """Every adapter with a decode loop serves the stage: p = 0 changes nothing, p = 0.7 attends 30%."""
-    path = str(request.getfixturevalue(f"tiny_{family}_dir"))
-    a = (LlavaAdapter if family == "llava" else Qwen2VLAdapter).load(path)
-    size = 336 if family == "llava" else 224
-    prompts = [Prompt(image(i, size), text) for i, text in enumerate(["what color is the circle ?", "how many ?"])]
+    """Every adapter with a decode loop serves the stage: p = 0 changes nothing, p = 0.7 attends 30% of
+    the visual entries (LLaVA-NeXT's and -OneVision's newline tokens are layout, always attended)."""
+    cls, size = IMAGE_FAMILIES[family]
+    a = cls.load(str(request.getfixturevalue(f"tiny_{family}_dir")))
+    texts = ["what color is the circle ?", "how many ?"]
+    prompts = [Prompt(image(i, max(size)).resize(size), text) for i, text in enumerate(texts)]
     plain = a.run(prompts, max_new_tokens=4)
     every = a.run(prompts, compressor=DyCoke(decode_prune=0.0), budget=ALL, max_new_tokens=4)
     assert torch.equal(every.tokens, plain.tokens)

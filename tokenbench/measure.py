@@ -22,7 +22,8 @@ actually ran and need no model internals. Two formulas, always named in the outp
   ``c`` cached tokens of that layer (pruned layers keep shorter caches), plus the LM head; under a
   ``decode`` site (DyCoke's KV pruning) the layers from the site on attend only the entries of that
   step's view, so ``c`` drops by the visual entries left out of it;
-- attention probes (``probe_rows``): per row the q-projection ``d²`` and ``QKᵀ`` over the prompt.
+- attention probes (``probe_rows``): per row the q-projection ``d²`` and ``QKᵀ`` over the prompt
+  (a ``decode`` site's one row per decode step is among them, so it is charged with the prefill).
 
 Not counted: position embeddings, norms, activations, softmax, rotary embeddings, residual adds,
 token-compression overhead other than probe attention rows (all of them are O(n·d), a fraction of a
