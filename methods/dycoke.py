@@ -51,7 +51,13 @@ decode-time KV retention (``decode_kv_retention``, about 1 − p of the visual e
 decode stage runs at every budget, also when TTM keeps every token. Published DyCoke numbers that
 include it ("retained 14.25 %" = TTM fraction × (1 − p)) count the decode-time view, not prefill work.
 
-Decode-stage deviations: the reference keeps its state (``a_prev``) on a config object shared by every
+Decode-stage deviations: at a step whose attention did not shift, the reference code does not keep
+the previous view as the paper and the spec describe: it resets its index list before layer l at every
+step and only sets it again on a shift, so such steps attend the **whole** cache (KD-TAO/DyCoke
+@dd74634, ``modeling_qwen2.py``: ``kv_cache = None`` for layers below l, ``update_cache`` only when the
+cosine is below 0.9). tokenbench keeps the previous view, as the paper's retention figures assume; on the
+steps where the reference re-selects, the views are equal (checked against its code on random rows).
+The reference keeps its state (``a_prev``) on a config object shared by every
 sample and never resets it (quirk 3), so a sample's first step compares with the previous sample's
 last row; here the state starts empty at every generation (the adapter passes ``None``). The
 reference reads batch row 0's attention for every row; here each row has its own view. The view is
