@@ -292,15 +292,16 @@ class DecodeInput:
 
     - ``attention`` [B, V]: head-mean softmax attention of the token being decoded (the step's one
       query row) at layer ``L - 1`` over that layer's V cached visual entries, normalised over its
-      whole cache (a one-row probe beside the fused kernel, like ``SiteInput.attention``), float32.
-      Layout tokens (a video frame's CLS, LLaVA-NeXT's newlines) and text are not visual entries.
+      whole cache (a one-row probe beside the fused kernel, like ``SiteInput.attention``), float32;
+      computed only for methods that declare ``decode_attention`` (else ``None``). Layout tokens (a
+      video frame's CLS, LLaVA-NeXT's newlines) and text are not visual entries.
     - ``origin`` [B, V]: each visual entry's index in the original visual-token grid.
     - ``grid``, ``frames``: as in :class:`SiteInput`.
     - ``keep``: the most visual entries the view may hold (the plan's ``keep`` for this site).
     - ``step``: 0 at the first decode step of a generation.
     """
 
-    attention: torch.Tensor
+    attention: torch.Tensor | None
     origin: torch.Tensor
     grid: tuple[int, int]
     keep: int
@@ -310,7 +311,7 @@ class DecodeInput:
 
     @property
     def n_visual(self) -> int:
-        return self.attention.shape[1]
+        return self.origin.shape[1]
 
 
 @dataclass
@@ -325,7 +326,7 @@ class DecodeView:
 
     def check(self, x: DecodeInput) -> None:
         """Raise ``ValueError`` if this view breaks the contract for input ``x``."""
-        b, v = x.attention.shape
+        b, v = x.origin.shape
         keep = self.keep
         if keep.dim() != 2 or keep.shape[0] != b or keep.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"decode view keep must be integer [B, K] with B={b}, got {keep.dtype} "

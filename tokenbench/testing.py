@@ -205,11 +205,13 @@ def check_decode_view(compressor: TokenCompressor, site: Site, keep: int, n: int
     gen = torch.Generator().manual_seed(7)
     rows = [(torch.randn(batch, n + 8, generator=gen) * 3).softmax(-1)[:, :n] for _ in range(steps)]
     origin = torch.arange(n).expand(batch, n).clone()
+    probe = "decode_attention" in compressor.site_needs(site)
 
     def walk(which: slice) -> list[torch.Tensor]:
         state, views = None, []
         for step, attention in enumerate(rows):
-            x = DecodeInput(attention[which], origin[which], info.grid, keep, site, step, info.frames)
+            x = DecodeInput(attention[which] if probe else None, origin[which], info.grid, keep, site, step,
+                            info.frames)
             view = compressor.decode_view(x, state)
             assert isinstance(view, DecodeView), f"{compressor.name}: decode_view must return a DecodeView"
             try:

@@ -102,17 +102,22 @@ class DecodeStage:
                rotary: Any) -> torch.Tensor:
         """``[B, S']`` cache positions layers >= L attend at this step, from layer L-1 (``layer``),
         the hidden state ``hidden`` [B, 1, D] that entered it, its rotary tables, its cached keys
-        [B, Hk, S, d] (this step's included) and its padding ``valid`` [B, S] (None: no padding)."""
+        [B, Hk, S, d] (this step's included) and its padding ``valid`` [B, S] (None: no padding).
+        The probe runs only for a method that declares ``decode_attention``."""
         device = execution_device(layer)
-        normed = layer.input_layernorm(hidden.to(device))
         batch, length = keys.shape[0], keys.shape[2]
-        allowed = (torch.ones(batch, 1, length, dtype=torch.bool, device=device) if valid is None
-                   else valid.to(device)[:, None])
-        cos, sin = (t.to(device) for t in cos_sin)
-        probs = decoder_attention_rows(layer.self_attn, normed, cos, sin, keys.to(device), allowed, rotary)[:, 0]
         visual_index = self.visual_index.to(device)
-        x = DecodeInput(probs.gather(1, visual_index), self.origin, self.grid, self.keep, self.site, step,
-                        self.frames)
+        attention = None
+        if "decode_attention" in self.compressor.site_needs(self.site):
+            normed = layer.input_layernorm(hidden.to(device))
+            allowed = (torch.ones(batch, 1, length, dtype=torch.bool, device=device) if valid is None
+                       else valid.to(device)[:, None])
+            cos, sin = (t.to(device) for t in cos_sin)
+            probs = decoder_attention_rows(layer.self_attn, normed, cos, sin, keys.to(device), allowed, rotary)
+            attention = probs[:, 0].gather(1, visual_index)
+            for trace in self.traces:
+                trace.probe_rows += 1
+        x = DecodeInput(attention, self.origin, self.grid, self.keep, self.site, step, self.frames)
         view = self.compressor.decode_view(x, self.state)
         if not isinstance(view, DecodeView):
             raise TypeError(f"method '{self.compressor.name}': decode_view must return a DecodeView")
@@ -120,7 +125,6 @@ class DecodeStage:
         self.state = view.state
         for trace in self.traces:
             trace.decode_visual.append(int(view.keep.shape[1]))
-            trace.probe_rows += 1
         chosen = torch.zeros_like(visual_index, dtype=torch.bool).scatter_(1, view.keep.to(device), True)
         attended = torch.ones(batch, length, dtype=torch.bool, device=device).scatter_(1, visual_index, chosen)
         return attended.nonzero()[:, 1].view(batch, -1)
