@@ -442,7 +442,8 @@ def greedy_decode(decoder: Decoder, prefill: PrefillResult, max_new_tokens: int,
             mask = None
             if padded[index]:
                 kv_valid[index] = torch.cat([kv_valid[index], torch.ones_like(kv_valid[index][:, :1])], dim=1)
-                valid = kv_valid[index] if attended is None else kv_valid[index].gather(1, attended)
+                valid = kv_valid[index] if attended is None else kv_valid[index].gather(
+                    1, attended.to(kv_valid[index].device))  # a device map may put layers apart
                 mask = decode_mask(decoder.attn_impl, valid, hidden.dtype)
             cache = prefill.cache if attended is None else CacheView(prefill.cache, attended)
             if stage is not None and index == stage.layer - 1:
