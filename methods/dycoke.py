@@ -1,4 +1,5 @@
-"""DyCoke (CVPR 2025, arXiv 2411.15024): token temporal merging (TTM) across frame groups.
+"""DyCoke (CVPR 2025, arXiv 2411.15024): token temporal merging (TTM) across frame groups, then
+dynamic KV-cache pruning at decode time.
 
 Spec ``methods-wave2.md`` §18. A video's frames form groups of four, t = 4g .. 4g+3. Frame 4g is
 kept whole. Every other frame keeps only its tokens least similar (cosine at the same grid
@@ -34,9 +35,37 @@ Deviations from the reference (KD-TAO/DyCoke @dd74634, ``dycole_ttm``), each a b
 - Hard-coded 196 tokens per frame and the visual start 14 (quirk 4): here the grid and frames come
   from the adapter (``SiteInput.grid``, ``SiteInput.frames``).
 
-Not implemented: the decode-time dynamic KV pruning (spec §18.3, E10 ``decode`` stage), which the
-contract has no stage for. Published DyCoke numbers that include it ("retained 14.25 %") count the
-decode-time view, not prefill work; tokenbench's DyCoke is the prefill part only.
+Dynamic KV pruning (spec §18.3), a ``decode`` site ``Site(DECODE, l)`` (contract extension E10), on by
+default as in the paper (``decode=false``: TTM only). At every decode step, with ``a`` the head-mean
+attention of the step's query at layer ``l - 1`` over the V visual entries of the cache:
+
+1. at the first step of a generation, or when cos(a, a_prev) < ``decode_similarity`` (0.9), the view is
+   the top int(V·(1 − p)) visual entries by ``a``; otherwise the previous step's view is kept;
+2. ``a`` becomes ``a_prev`` for the next step, whether or not the view changed (as in the reference);
+3. layers ``l..`` attend the text plus the view's visual entries; layers below ``l`` attend all.
+
+Defaults: l = 3 of a 28-layer LLM (LLaVA-OV-7B's Qwen2), scaled to the model's depth (3 of 32 stays 3;
+a 4-layer toy gets 1), p = ``decode_prune`` = 0.7 (the paper's table and README; the lmms-eval script
+uses 0.8). The budget counts TTM only (prefill convention); the decode view is reported apart as
+decode-time KV retention (``decode_kv_retention``, about 1 − p of the visual entries TTM left). The
+decode stage runs at every budget, also when TTM keeps every token. Published DyCoke numbers that
+include it ("retained 14.25 %" = TTM fraction × (1 − p)) count the decode-time view, not prefill work.
+
+Decode-stage deviations: at a step whose attention did not shift, the reference code does not keep
+the previous view as the paper and the spec describe: it resets its index list before layer l at every
+step and only sets it again on a shift, so such steps attend the **whole** cache (KD-TAO/DyCoke
+@dd74634, ``modeling_qwen2.py``: ``kv_cache = None`` for layers below l, ``update_cache`` only when the
+cosine is below 0.9). tokenbench keeps the previous view, as the paper's retention figures assume; on the
+steps where the reference re-selects, the views are equal (checked against its code on random rows).
+The reference keeps its state (``a_prev``) on a config object shared by every
+sample and never resets it (quirk 3), so a sample's first step compares with the previous sample's
+last row; here the state starts empty at every generation (the adapter passes ``None``). The
+reference reads batch row 0's attention for every row; here each row has its own view. The view is
+kept in ascending cache order (the reference's top-k order is unsorted; attention does not depend on
+key order). Its start-14 visual span and 196 tokens per frame (quirk 4) come from the adapter here;
+the visual entries are the patch tokens (a Video-LLaVA frame's CLS token and LLaVA-NeXT/OV newlines
+are layout, always attended). Like the reference, the cache keeps every entry (quirk 5): attention
+FLOPs at decode go down, KV memory does not.
 
 Degenerate inputs: an image (one frame) has no frame to merge with, so any budget below all its
 tokens is ``Infeasible``; ``keep >= N`` is a no-op; a keep below the whole frames' tokens raises
@@ -46,7 +75,7 @@ method needs the full frame-major grid (it acts first, before the LLM).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +83,17 @@ from pydantic import Field
 from tokenbench.methods.baselines import pre_llm_site
 
 import tokenbench
-from tokenbench import Infeasible, ModelInfo, Reduction, Site, SiteInput, Stage, TokenCompressor
+from tokenbench import (
+    DecodeInput,
+    DecodeView,
+    Infeasible,
+    ModelInfo,
+    Reduction,
+    Site,
+    SiteInput,
+    Stage,
+    TokenCompressor,
+)
 
 LastGroup = Literal["pruned", "reference"]
 
@@ -116,12 +155,27 @@ def dycoke_ttm(x: torch.Tensor, frames: int, keep: int, last_group: LastGroup = 
     return mask.view(batch, total).nonzero()[:, 1].view(batch, -1)
 
 
+def dynamic_kv_view(attention: torch.Tensor, keep: int, state: tuple[torch.Tensor, torch.Tensor] | None,
+                    similarity: float = 0.9) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One decode step of DyCoke's KV pruning (§18.3) for ``attention`` [B, V]: the kept visual
+    entries [B, keep] (ascending) and the state for the next step (this step's rows, the view)."""
+    attention = attention.float()
+    top = attention.topk(min(keep, attention.shape[1]), dim=1).indices.sort(dim=1).values
+    if state is None:
+        return top, (attention, top)
+    previous, kept = state
+    shifted = F.cosine_similarity(attention, previous, dim=1) < similarity
+    view = torch.where(shifted[:, None], top, kept)
+    return view, (attention, view)
+
+
 class DyCoke(TokenCompressor):
     """DyCoke's temporal token merging: per group of four frames, the later frames keep only the
-    tokens that differ from a kept reference frame."""
+    tokens that differ from a kept reference frame; then, at decode, the layers from ``decode_layer``
+    on attend only the visual KV entries the current token attends most."""
 
     name = "dycoke"
-    stages = (Stage.PROJECTOR, Stage.VISION_OUT)
+    stages = (Stage.PROJECTOR, Stage.VISION_OUT, Stage.DECODE)
     needs = frozenset()
     paper = "DyCoke: Dynamic Compression of Tokens for Fast Video Large Language Models (CVPR 2025)"
     source = "https://github.com/KD-TAO/DyCoke (re-implemented from the spec, not copied)"
@@ -130,8 +184,35 @@ class DyCoke(TokenCompressor):
         last_group: LastGroup = Field(
             "pruned", description="reference: leave frame 4g+2 of the last group whole, as the code's "
                                   "off-by-one does")
+        decode: bool = Field(True, description="dynamic KV pruning at decode time (false: TTM only)")
+        decode_layer: int = Field(3, ge=1, description="l: the first layer that attends the pruned view, "
+                                                       "of a 28-layer LLM (scaled to the model's depth)")
+        decode_prune: float = Field(0.7, ge=0.0, lt=1.0, description="p: share of the visual KV entries "
+                                                                     "left out of the view")
+        decode_similarity: float = Field(0.9, description="re-select the view when the cosine between "
+                                                          "this step's and the last step's attention is below")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options.decode:
+            self.needs = frozenset({"decode_attention"})
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
+        plan = self._ttm_plan(n_visual, budget, info)
+        if self.options.decode:
+            if Stage.DECODE not in info.stages:
+                raise Infeasible(f"dycoke's decode stage (dynamic KV pruning) needs a decode site, which the "
+                                 f"{info.family} adapter does not offer; pass decode=false for TTM only")
+            kept = plan[0][1] if plan else n_visual
+            site = Site(Stage.DECODE, info.scale_layer(self.options.decode_layer, of=28))
+            plan.append((site, max(1, int(kept * (1 - self.options.decode_prune)))))
+        return plan
+
+    def decode_view(self, x: DecodeInput, state: Any) -> DecodeView:
+        view, state = dynamic_kv_view(x.attention, x.keep, state, self.options.decode_similarity)
+        return DecodeView(view, state)
+
+    def _ttm_plan(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
         keep = round(budget)
         if keep >= n_visual:
             return []

@@ -72,7 +72,7 @@ def test_registry_lists_both_families():
     assert registry.adapter_for("qwen2_vl").name == "qwen2_vl"
     assert registry.adapter_for("qwen2_5_vl").name == "qwen2_vl"
     assert set(registry.adapter_for("llava").stages) == set(Stage)
-    assert set(registry.adapter_for("qwen2_vl").stages) == {Stage.PROJECTOR, Stage.LLM}
+    assert set(registry.adapter_for("qwen2_vl").stages) == {Stage.PROJECTOR, Stage.LLM, Stage.DECODE}
 
 
 def test_model_info_and_load_errors(request):

@@ -11,7 +11,8 @@ from tokenbench.methods.dycoke import DyCoke, reference_frames
 from tokenbench import Infeasible, ModelInfo, Site, SiteInput, Stage
 from tokenbench.testing import LLAVA_15, VIDEO_LLAVA, check_compressor
 
-LLAVA_OV = ModelInfo(family="llava_onevision", stages=frozenset({Stage.PROJECTOR, Stage.LLM}), grid=(14, 14),
+LLAVA_OV = ModelInfo(family="llava_onevision", stages=frozenset({Stage.PROJECTOR, Stage.LLM, Stage.DECODE}),
+                     grid=(14, 14),
                      n_visual=8 * 196, arch=VIDEO_LLAVA.arch, frames=8)
 
 
@@ -78,7 +79,7 @@ def test_retained_count_is_the_papers_fraction(k):
     """(1 + 3(1-k))/4 · F · n at F a multiple of 4, on LLaVA-OV's 8 x 196 tokens (§18.7a)."""
     fraction = (1 + 3 * (1 - k)) / 4
     budget = fraction * LLAVA_OV.n_visual
-    plan = DyCoke().schedule(LLAVA_OV.n_visual, budget, LLAVA_OV)
+    plan = DyCoke(decode=False).schedule(LLAVA_OV.n_visual, budget, LLAVA_OV)
     assert plan == [(Site(Stage.PROJECTOR), round(budget))]
     assert abs(plan[0][1] - budget) <= 0.02 * budget
     out = DyCoke().reduce(site_input(video(2, 8, 196), plan[0][1], 8, (14, 14)))
@@ -91,7 +92,7 @@ def test_retained_count_is_the_papers_fraction(k):
 def test_budgets_below_a_quarter_are_infeasible():
     with pytest.raises(Infeasible, match="cannot go below 512"):
         DyCoke().schedule(2048, 256, VIDEO_LLAVA)
-    assert DyCoke().schedule(2048, 512, VIDEO_LLAVA) == [(Site(Stage.PROJECTOR), 512)]
+    assert DyCoke(decode=False).schedule(2048, 512, VIDEO_LLAVA) == [(Site(Stage.PROJECTOR), 512)]
     out = DyCoke().reduce(site_input(video(1, 8, 256), 512, 8, (16, 16)))
     assert (out.keep[0] // 256).unique().tolist() == [0, 4]  # at 25% only the whole frames remain
 
@@ -99,7 +100,7 @@ def test_budgets_below_a_quarter_are_infeasible():
 def test_an_image_is_infeasible_unless_every_token_is_kept():
     with pytest.raises(Infeasible, match="one frame"):
         DyCoke().schedule(576, 192, LLAVA_15)
-    assert DyCoke().schedule(576, 576, LLAVA_15) == []
+    assert DyCoke(decode=False).schedule(576, 576, LLAVA_15) == []
 
 
 @pytest.mark.parametrize("frames", [2, 3, 4, 5, 7])
@@ -137,5 +138,7 @@ def test_degenerate_inputs():
 
 
 def test_contract_and_class():
-    assert DyCoke().flash_attention == "native"
+    assert DyCoke(decode=False).flash_attention == "native"
+    assert DyCoke().flash_attention == "probe"  # one attention row per decode step
     check_compressor(DyCoke, models=[VIDEO_LLAVA, LLAVA_OV, LLAVA_15])
+    check_compressor(DyCoke, {"decode": False}, models=[VIDEO_LLAVA, LLAVA_OV, LLAVA_15])

@@ -7,6 +7,7 @@ import json
 from click.testing import CliRunner
 
 from tokenbench.cli import cli
+from tokenbench.leaderboard import render_markdown
 
 
 def test_video_methods_are_planned_on_the_videos_frames(tmp_path):
@@ -20,3 +21,8 @@ def test_video_methods_are_planned_on_the_videos_frames(tmp_path):
     dycoke = next(r for r in json.loads(result.stdout) if r["method"] == "dycoke")
     assert dycoke["infeasible"] is None
     assert dycoke["n_visual"] == 512 and abs(dycoke["realised_ratio"] - 0.25) < 0.02
+    # its decode stage (on by default) is reported apart from the prefill budget: 12 layers scale DyCoke's
+    # layer 3 of 28 to 1; the view holds int(128 · (1 − 0.7)) = 38 of the 128 visual entries TTM left
+    assert dycoke["decode_samples"] == 2 and dycoke["decode_visual_tokens"] == 38
+    assert dycoke["decode_kv_retention"] == 38 / 128
+    assert "decode KV 29.7% ²" in render_markdown(json.loads(result.stdout))

@@ -9,6 +9,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from tokenbench.budget import Budget
 from tokenbench.compressor import (
     Architecture,
+    DecodeInput,
+    DecodeView,
     Infeasible,
     ModelInfo,
     Reduction,
@@ -26,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Architecture",
     "Budget",
+    "DecodeInput",
+    "DecodeView",
     "Infeasible",
     "ModelInfo",
     "Reduction",

@@ -35,6 +35,9 @@ NEXT_BLOCK_SIGNALS = frozenset({"cls_attention_next", "keys_next"})
 # E7: the CLIP joint embedding space, from an auxiliary CLIP checkpoint (CDPruner).
 CLIP_SIGNALS = frozenset({"clip_visual", "clip_text"})
 SIGNALS = SIGNALS | NEXT_BLOCK_SIGNALS | CLIP_SIGNALS
+# E10: the signal of ``decode`` sites: a one-row attention probe per decode step (see DecodeInput).
+DECODE_SIGNALS = frozenset({"decode_attention"})
+SIGNALS = SIGNALS | DECODE_SIGNALS
 NextBlockHeads = Literal["mean", "concat"]
 AttentionQueries = Literal["last", "text", "all"]
 AttentionSource = Literal["previous", "next"]
@@ -49,6 +52,9 @@ class Stage(str, Enum):
     VISION_OUT = "vision_out"  # on the vision encoder's selected output, before the projector
     PROJECTOR = "projector"  # on the projector's output: visual tokens in LLM space
     LLM = "llm"  # between LLM decoder layers during prefill
+    # at every decode step, before LLM layer L: which cached visual KV entries layers >= L attend
+    # (spec wave 2 §20 E10; TokenCompressor.decode_view). Outside the prefill budget convention.
+    DECODE = "decode"
 
     def __str__(self) -> str:
         return self.value
@@ -60,7 +66,8 @@ class Site:
 
     For ``llm`` the layer is the first decoder layer that sees the reduced sequence (FastV's K);
     for ``vision`` it is the first encoder block that sees it; for ``vision_out`` and ``projector``
-    it is 0.
+    it is 0. For ``decode`` it is the first decoder layer that attends the decode view (at least 1:
+    the view is chosen from layer ``layer - 1``'s attention).
     """
 
     stage: Stage
@@ -294,6 +301,60 @@ class Reduction:
                                  f"not {x.site.stage}")
 
 
+@dataclass
+class DecodeInput:
+    """What a method sees at a ``decode`` site ``Site(DECODE, L)``, once per decode step (spec wave 2
+    §20 E10): every forward pass after the first generated token, whose logits come from the prefill.
+
+    - ``attention`` [B, V]: head-mean softmax attention of the token being decoded (the step's one
+      query row) at layer ``L - 1`` over that layer's V cached visual entries, normalised over its
+      whole cache (a one-row probe beside the fused kernel, like ``SiteInput.attention``), float32;
+      computed only for methods that declare ``decode_attention`` (else ``None``). Layout tokens (a
+      video frame's CLS, LLaVA-NeXT's newlines) and text are not visual entries.
+    - ``origin`` [B, V]: each visual entry's index in the original visual-token grid.
+    - ``grid``, ``frames``: as in :class:`SiteInput`.
+    - ``keep``: the most visual entries the view may hold (the plan's ``keep`` for this site).
+    - ``step``: 0 at the first decode step of a generation.
+    """
+
+    attention: torch.Tensor | None
+    origin: torch.Tensor
+    grid: tuple[int, int]
+    keep: int
+    site: Site
+    step: int
+    frames: int = 1
+
+    @property
+    def n_visual(self) -> int:
+        return self.origin.shape[1]
+
+
+@dataclass
+class DecodeView:
+    """The answer at a ``decode`` site: ``keep`` [B, K], sorted unique indices into the V visual
+    entries of :class:`DecodeInput` that layers >= L attend at this step (K <= ``DecodeInput.keep``,
+    the same K for every row), and ``state``, any value the method wants back at the next step of
+    the same generation (tensors, batched like the rows)."""
+
+    keep: torch.Tensor
+    state: Any = None
+
+    def check(self, x: DecodeInput) -> None:
+        """Raise ``ValueError`` if this view breaks the contract for input ``x``."""
+        b, v = x.origin.shape
+        keep = self.keep
+        if keep.dim() != 2 or keep.shape[0] != b or keep.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"decode view keep must be integer [B, K] with B={b}, got {keep.dtype} "
+                             f"{tuple(keep.shape)}")
+        if keep.shape[1] > max(x.keep, 0):
+            raise ValueError(f"decode view keeps {keep.shape[1]} visual entries but the plan allows {x.keep}")
+        if keep.numel() and (keep.min() < 0 or keep.max() >= v):
+            raise ValueError(f"decode view indices must lie in [0, {v})")
+        if keep.shape[1] > 1 and not bool((keep[:, 1:] > keep[:, :-1]).all()):
+            raise ValueError("decode view indices must be sorted ascending and unique")
+
+
 class TokenCompressor:
     """Base class of every compression method. Subclass it and register the class.
 
@@ -365,11 +426,23 @@ class TokenCompressor:
         """Choose (and optionally merge) the tokens that survive this site."""
         raise NotImplementedError
 
+    def decode_view(self, x: DecodeInput, state: Any) -> DecodeView:
+        """At a ``decode`` site of the plan, once per decode step: which cached visual entries layers
+        >= ``x.site.layer`` attend at this step (the cache itself keeps every entry; layers below the
+        site attend all of them). ``state`` is ``None`` at the first step of every generation (the
+        adapter never carries it from one batch or sample to the next) and then whatever the previous
+        step's :class:`DecodeView` returned. Only methods that plan a ``decode`` site implement it; they
+        declare ``decode_attention`` in ``needs`` (the one-row probe makes them ``probe`` class)."""
+        raise NotImplementedError(f"method '{self.name}' plans a decode site but does not implement decode_view")
+
     def site_needs(self, site: Site) -> frozenset[str]:
-        """The signals this method reads at ``site`` (default: all of ``needs``). A method whose stages
-        read different signals (HoliTom: received attention before the LLM, an attention row inside
-        it) narrows this, so that :func:`check_signals` asks each site only for its own."""
-        return self.needs
+        """The signals this method reads at ``site`` (default: all of ``needs``, split so that the
+        :data:`DECODE_SIGNALS` belong to ``decode`` sites only). A method whose stages read different
+        signals (HoliTom: received attention before the LLM, an attention row inside it) narrows this,
+        so that :func:`check_signals` asks each site only for its own."""
+        if site.stage is Stage.DECODE:
+            return self.needs & DECODE_SIGNALS
+        return self.needs - DECODE_SIGNALS
 
     def clip_instruction(self, prompt: str) -> str:
         """The part of the user's prompt that ``clip_text`` embeds (default: all of it)."""
@@ -382,8 +455,9 @@ class TokenCompressor:
 def flash_attention_class(needs: frozenset[str], queries: AttentionQueries = "last") -> FlashAttentionClass:
     """``native`` without attention signals; ``eager`` for full LLM maps (``attention`` from ``all``
     queries); else ``probe``: LLM rows, the vision CLS row, or received attention streamed over
-    query chunks beside the fused kernel (:data:`VISION_ATTENTION_SIGNALS`)."""
-    if "attention" not in needs and not VISION_ATTENTION_SIGNALS & set(needs):
+    query chunks beside the fused kernel (:data:`VISION_ATTENTION_SIGNALS`), or one row per decode
+    step (:data:`DECODE_SIGNALS`)."""
+    if "attention" not in needs and not (VISION_ATTENTION_SIGNALS | DECODE_SIGNALS) & set(needs):
         return "native"
     if "attention" in needs and queries == "all":
         return "eager"
@@ -411,10 +485,13 @@ def layer_averaged_tokens(n_visual: int, plan: list[tuple[Site, int]], llm_layer
 
     Pre-LLM sites set the count entering the LLM; an ``llm`` site at layer ``l`` changes the count
     for layers ``l..L-1``. ``extra`` adds appended tokens (e.g. recycled clusters) per site.
+    ``decode`` sites do not count: they act after the prefill (reported as decode-time KV retention).
     """
     extra = extra or {}
     per_layer = [float(n_visual)] * llm_layers
     for site, keep in plan:
+        if site.stage is Stage.DECODE:
+            continue
         count = min(keep, n_visual) + extra.get(site, 0)
         start = site.layer if site.stage is Stage.LLM else 0
         for layer in range(start, llm_layers):

@@ -176,6 +176,10 @@ def _row(method: str, runs: Sequence[dict[str, Any]], tasks: Sequence[str], hard
     if any(over_budget(r) for r in runs):
         token_text += " ⚠ over budget"
         footnotes.add("over")
+    decode_kv = _mean(r.get("decode_kv_retention") for r in runs)
+    if decode_kv is not None:
+        token_text += f"; decode KV {100 * decode_kv:.1f}% ²"
+        footnotes.add("decode")
     scores = []
     for task in tasks:
         run = by_task.get(task)
@@ -290,6 +294,10 @@ def render_markdown(records: Sequence[dict[str, Any]], *, page: bool = True) -> 
         out += [("⚠ over budget: the method processed more visual tokens than the budget allows (by more than "
                  f"{100 * OVER_BUDGET_TOLERANCE:g}%); it is listed after the others, is not compared at that "
                  "budget, and is not on the plot's line for its method."), ""]
+    if "decode" in footnotes:
+        out += [("² decode KV: at each decode step, the layers from the method's `decode` site on attended only "
+                 "this share of the visual KV entries in the cache (mean over steps and samples; DyCoke's dynamic "
+                 "KV pruning). It is outside the prefill budget, which the tokens column counts."), ""]
     if "err" in footnotes:
         out += [("`(k err)`: k samples failed (recorded with the error in the run's samples); the score "
                  "covers the others."), ""]

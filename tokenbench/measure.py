@@ -19,8 +19,11 @@ actually ran and need no model internals. Two formulas, always named in the outp
   SwiGLU's gate matrix (``2·n·d·m`` without), plus the LM head ``d·V`` on the last prompt token only;
 - LLM decode, for each of the ``R − 1`` forward steps after the first generated token (the first
   comes from the prefill logits): per layer ``2d² + 2d·g·d/h + 3dm`` and attention ``2·d·c`` over the
-  ``c`` cached tokens of that layer (pruned layers keep shorter caches), plus the LM head;
-- attention probes (``probe_rows``): per row the q-projection ``d²`` and ``QKᵀ`` over the prompt.
+  ``c`` cached tokens of that layer (pruned layers keep shorter caches), plus the LM head; under a
+  ``decode`` site (DyCoke's KV pruning) the layers from the site on attend only the entries of that
+  step's view, so ``c`` drops by the visual entries left out of it;
+- attention probes (``probe_rows``): per row the q-projection ``d²`` and ``QKᵀ`` over the prompt
+  (a ``decode`` site's one row per decode step is among them, so it is charged with the prefill).
 
 Not counted: position embeddings, norms, activations, softmax, rotary embeddings, residual adds,
 token-compression overhead other than probe attention rows (all of them are O(n·d), a fraction of a
@@ -117,7 +120,16 @@ def llm_decode_macs(arch: Architecture, trace: TokenTrace) -> int:
     per_step = 2 * d * d + 2 * d * _kv_width(arch) + mlp_mats * d * m
     # step i (1..steps) attends over n + i cached positions of its layer
     attention = sum(2 * d * (steps * n + steps * (steps + 1) // 2) for n in trace.llm_total)
-    return steps * per_step * len(trace.llm_total) + attention
+    return steps * per_step * len(trace.llm_total) + attention - 2 * d * decode_view_savings(trace)
+
+
+def decode_view_savings(trace: TokenTrace) -> int:
+    """Cached entries a ``decode`` site's view left unattended, summed over the decode steps and the
+    layers from the site on (0 without a decode site)."""
+    if trace.decode_layer is None:
+        return 0
+    dropped = sum(trace.decode_cached_visual - kept for kept in trace.decode_visual[:decode_steps(trace)])
+    return dropped * (len(trace.llm_total) - trace.decode_layer)
 
 
 def probe_macs(arch: Architecture, trace: TokenTrace) -> int:
@@ -149,6 +161,7 @@ def fastv_macs(arch: Architecture, trace: TokenTrace) -> dict[str, Any]:
     prefill = sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in trace.llm_total)
     r = trace.generated_tokens
     decode = sum(r * (4 * d * d + 2 * d * m) + 2 * d * (r * n + r * (r + 1) // 2) for n in trace.llm_total)
+    decode -= 2 * d * decode_view_savings(trace)
     return {"formula": "fastv_macs", "unit": "MAC", "prefill": prefill, "decode": decode,
             "vision": vision_macs(arch, trace)}
 

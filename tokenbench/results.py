@@ -40,6 +40,10 @@ Public, stable fields of a run record (``SCHEMA_VERSION`` changes when one of th
 - ``budget_tokens``: the token target the budget asks for (mean over samples); ``over_budget``: the
   realised tokens exceed it by more than :data:`OVER_BUDGET_TOLERANCE`; ``n_over_budget``: how
   many samples did;
+- ``decode_kv_retention`` (only for methods with a ``decode`` site, spec wave 2 E10, apart from the
+  prefill budget): the mean over samples of the share of cached visual KV entries that the decoder
+  layers from the site on attended per decode step; ``decode_visual_tokens``: that number of
+  entries; ``decode_samples``: the samples with a decode step;
 - ``provenance``: tokenbench version and git sha, torch / transformers / python versions, device
   name and type, hardware fingerprint, threads, dtype, attention backend, seed, method options,
   model location, limit, max_new_tokens, batch size, random weights.

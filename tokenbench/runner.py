@@ -651,7 +651,7 @@ class Harness:
             "timing_conditions": efficiency.get("timing_conditions"), "speedup": efficiency.get("speedup"),
             "timed_runs": efficiency.get("timed_runs"),
             "n_samples": len(records), "n_errors": len(records) - len(ok), "errors": errors,
-            "first_error": first_error, "infeasible": None}
+            "first_error": first_error, "infeasible": None} | decode_retention(traces)
 
     @staticmethod
     def _budget_use(arm: Arm, traces: Sequence[dict[str, Any]], realised: float | None,
@@ -665,6 +665,19 @@ class Harness:
         target = sum(targets) / len(targets)
         return {"budget_tokens": target, "over_budget": realised > (1 + OVER_BUDGET_TOLERANCE) * target,
                 "n_over_budget": over}
+
+
+def decode_retention(traces: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Decode-time KV retention of a method with a ``decode`` site (spec wave 2 E10), apart from the
+    prefill budget: the mean over samples of each sample's mean share of the cached visual KV entries
+    that the layers from the site on attended per decode step, and of that count of entries. Empty
+    when no sample had a decode step under a decode site."""
+    shares = [t["decode_kv_retention"] for t in traces if t.get("decode_kv_retention") is not None]
+    if not shares:
+        return {}
+    counts = [sum(t["decode_visual"]) / len(t["decode_visual"]) for t in traces if t.get("decode_visual")]
+    return {"decode_kv_retention": sum(shares) / len(shares), "decode_visual_tokens": sum(counts) / len(counts),
+            "decode_samples": len(shares)}
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -705,6 +718,8 @@ def _site_problem(stage: Stage, layer: int, info: ModelInfo) -> str | None:
     depth = {Stage.LLM: info.llm_layers, Stage.VISION: info.vision_layers}.get(stage)
     if depth is not None and not 0 <= layer < depth:
         return f"outside this model's {depth} {stage} layers (0..{depth - 1})"
+    if stage is Stage.DECODE and not 1 <= layer < info.llm_layers:
+        return f"outside 1..{info.llm_layers - 1} (a decode site reads the attention of the layer before it)"
     return None
 
 

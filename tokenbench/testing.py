@@ -21,6 +21,8 @@ from pydantic import ValidationError
 
 from tokenbench.compressor import (
     Architecture,
+    DecodeInput,
+    DecodeView,
     Infeasible,
     ModelInfo,
     Reduction,
@@ -37,17 +39,18 @@ LLAVA_15 = ModelInfo(
                       vocab_size=32064, vision_layers=23, vision_hidden=1024, vision_intermediate=4096,
                       vision_tokens=577, projector_in=1024, projector_hidden=4096))
 QWEN2_VL = ModelInfo(
-    family="qwen2_vl", stages=frozenset({Stage.PROJECTOR, Stage.LLM}), grid=(18, 24), n_visual=432,
+    family="qwen2_vl", stages=frozenset({Stage.PROJECTOR, Stage.LLM, Stage.DECODE}), grid=(18, 24), n_visual=432,
     arch=Architecture(llm_layers=28, llm_hidden=1536, llm_intermediate=8960, llm_heads=12, llm_kv_heads=2,
                       vocab_size=151936, vision_layers=32, vision_hidden=1280, vision_intermediate=5120,
                       vision_tokens=1728, projector_in=5120, projector_hidden=1536))
 # LLaVA-NeXT-7B on a wide image: base crop plus two sub-crops that unpadding cuts to 24×18 tokens each
 LLAVA_NEXT = ModelInfo(
-    family="llava_next", stages=frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM}), grid=(24, 24),
+    family="llava_next", stages=frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM, Stage.DECODE}), grid=(24, 24),
     n_visual=576 + 2 * 24 * 18, arch=LLAVA_15.arch, crops=((24, 24), (24, 18), (24, 18)))
 # Video-LLaVA-7B on a video (spec wave 2 §20 E8): 8 frames of 16×16 tokens, frame-major, 2048 in all
 VIDEO_LLAVA = ModelInfo(
-    family="video_llava", stages=frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM}), grid=(16, 16),
+    family="video_llava", stages=frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM, Stage.DECODE}),
+    grid=(16, 16),
     n_visual=8 * 16 * 16, frames=8,
     arch=Architecture(llm_layers=32, llm_hidden=4096, llm_intermediate=11008, llm_heads=32, llm_kv_heads=32,
                       vocab_size=32000, vision_layers=23, vision_hidden=1024, vision_intermediate=4096,
@@ -72,8 +75,9 @@ def plan_for(compressor: TokenCompressor, info: ModelInfo, budget: float) -> lis
         assert isinstance(site, Site), f"{compressor.name}: plan entries must be (Site, keep)"
         assert site.stage in info.stages, f"{compressor.name}: site {site} is not offered by {info.family}"
         assert isinstance(keep, int) and keep >= 1, f"{compressor.name}: keep must be a positive int, got {keep}"
-        layers = info.llm_layers if site.stage is Stage.LLM else info.vision_layers
+        layers = info.llm_layers if site.stage in (Stage.LLM, Stage.DECODE) else info.vision_layers
         assert 0 <= site.layer < max(layers, 1), f"{compressor.name}: {site} is outside the model's depth"
+        assert site.stage is not Stage.DECODE or site.layer >= 1, f"{compressor.name}: a decode site needs layer >= 1"
     averaged = layer_averaged_tokens(info.n_visual, plan, info.llm_layers)
     assert averaged <= budget + 1 or compressor.adaptive_count, (
         f"{compressor.name}: plan averages {averaged:.1f} visual tokens per layer, over the budget {budget}")
@@ -177,6 +181,9 @@ def check_plan_reductions(compressor: TokenCompressor, info: ModelInfo, plan: li
     """Feed each planned site its predecessor's survivors and check every reduction (and determinism)."""
     n = info.n_visual
     for index, (site, keep) in enumerate(plan):
+        if site.stage is Stage.DECODE:
+            check_decode_view(compressor, site, keep, n, info, batch=batch)
+            continue
         x = synthetic_input(compressor, site, keep, n, info.grid, batch=batch, dtype=dtype, seed=index,
                             crops=info.crops, frames=info.frames)
         first = check_reduction(compressor, x)
@@ -188,6 +195,40 @@ def check_plan_reductions(compressor: TokenCompressor, info: ModelInfo, plan: li
             check_row_draws(compressor, x)
         n = first.keep.shape[1] + (first.extra.shape[1] if first.extra is not None else 0) + (
             first.prefix.shape[1] if first.prefix is not None else 0)
+
+
+def check_decode_view(compressor: TokenCompressor, site: Site, keep: int, n: int, info: ModelInfo, *,
+                      batch: int, steps: int = 4) -> None:
+    """Run ``decode_view`` over a few steps of random attention rows, carrying its state: every view
+    keeps the contract, the steps repeat exactly from a fresh state (``None``), and each row's views
+    are those it gets alone (rows of a batch are independent generations)."""
+    gen = torch.Generator().manual_seed(7)
+    rows = [(torch.randn(batch, n + 8, generator=gen) * 3).softmax(-1)[:, :n] for _ in range(steps)]
+    origin = torch.arange(n).expand(batch, n).clone()
+    probe = "decode_attention" in compressor.site_needs(site)
+
+    def walk(which: slice) -> list[torch.Tensor]:
+        state, views = None, []
+        for step, attention in enumerate(rows):
+            x = DecodeInput(attention[which] if probe else None, origin[which], info.grid, keep, site, step,
+                            info.frames)
+            view = compressor.decode_view(x, state)
+            assert isinstance(view, DecodeView), f"{compressor.name}: decode_view must return a DecodeView"
+            try:
+                view.check(x)
+            except ValueError as exc:
+                raise AssertionError(f"{compressor.name} at {site}, step {step}: {exc}") from None
+            views.append(view.keep)
+            state = view.state
+        return views
+
+    first = walk(slice(None))
+    assert all(torch.equal(a, b) for a, b in zip(first, walk(slice(None)))), (
+        f"{compressor.name} at {site}: decode views differ when the same steps run again from a fresh state")
+    for row in range(batch):
+        alone = walk(slice(row, row + 1))
+        assert all(torch.equal(a[row], b[0]) for a, b in zip(first, alone)), (
+            f"{compressor.name} at {site}: row {row}'s decode views depend on the other rows of its batch")
 
 
 def check_row_draws(compressor: TokenCompressor, x: SiteInput) -> None:

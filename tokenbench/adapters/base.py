@@ -62,6 +62,9 @@ class TokenTrace:
       uncompressed (LLaVA-OneVision projects every crop patch before unpadding and pooling).
     - ``vision_frames``: pictures each vision block of ``vision`` runs on, one after another (a
       video's frames, encoded frame by frame); ``vision`` counts one frame's tokens.
+    - ``decode_layer``: the layer of a ``decode`` site (spec wave 2 E10), else None;
+      ``decode_cached_visual``: the visual entries in the KV cache of layers >= ``decode_layer``;
+      ``decode_visual``: how many of them those layers attended at each decode step of this sample.
     """
 
     n_visual: int
@@ -76,15 +79,26 @@ class TokenTrace:
     generated_tokens: int = 0
     projector_tokens: int | None = None  # tokens the projector ran on, where it runs before any site can act
     vision_frames: int = 1
+    decode_layer: int | None = None
+    decode_cached_visual: int = 0
+    decode_visual: list[int] = field(default_factory=list)
 
     @property
     def realised_tokens(self) -> float:
         """Layer-averaged visual tokens actually processed by the decoder (the budget's unit)."""
         return sum(self.llm_visual) / len(self.llm_visual) if self.llm_visual else float(self.n_visual)
 
+    @property
+    def decode_kv_retention(self) -> float | None:
+        """Mean share of the cached visual KV entries that layers >= ``decode_layer`` attended per
+        decode step (None without a decode site or without decode steps)."""
+        if not self.decode_visual or not self.decode_cached_visual:
+            return None
+        return sum(self.decode_visual) / (len(self.decode_visual) * self.decode_cached_visual)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__} | {
-            "realised_tokens": self.realised_tokens}
+            "realised_tokens": self.realised_tokens, "decode_kv_retention": self.decode_kv_retention}
 
 
 @dataclass

@@ -38,6 +38,7 @@ from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
 from tokenbench.compressor import (
     CLIP_SIGNALS,
+    DECODE_SIGNALS,
     NEXT_BLOCK_SIGNALS,
     Architecture,
     ModelInfo,
@@ -69,7 +70,7 @@ def llava_architecture(config: Any, vision_layers: int, vision_tokens: int) -> A
 class LlavaAdapter(StagedAdapter):
     name = "llava"
     model_types = ("llava",)
-    stages = frozenset({Stage.VISION, Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM})
+    stages = frozenset({Stage.VISION, Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM, Stage.DECODE})
     description = "LLaVA-1.5: CLIP ViT-L/336 (24×24 patches), MLP projector, Llama decoder"
     protocols = ("llava", "hf")
     default_protocol = "llava"
@@ -81,6 +82,7 @@ class LlavaAdapter(StagedAdapter):
         | NEXT_BLOCK_SIGNALS | CLIP_SIGNALS,
         Stage.PROJECTOR: frozenset({"text"}) | CLIP_SIGNALS,
         Stage.LLM: LLM_SITE_SIGNALS,
+        Stage.DECODE: DECODE_SIGNALS,
     }
 
     def __init__(self, model: torch.nn.Module, processor: object) -> None:

@@ -30,17 +30,18 @@ from tokenbench.adapters.llava import LlavaAdapter, _clip_keys
 from tokenbench.adapters.prefill import LLM_SITE_SIGNALS, TokenSequence
 from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan
-from tokenbench.compressor import ModelInfo, Site, Stage
+from tokenbench.compressor import DECODE_SIGNALS, ModelInfo, Site, Stage
 
 
 class LlavaNextAdapter(AnyresImages, LlavaAdapter):
     name = "llava_next"
     model_types = ("llava_next",)
-    stages = frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM})
+    stages = frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM, Stage.DECODE})
     served_signals: ClassVar[dict[Stage, frozenset[str]]] = {
         Stage.VISION_OUT: frozenset({"cls_attention", "keys", "text"}),
         Stage.PROJECTOR: frozenset({"text"}),
         Stage.LLM: LLM_SITE_SIGNALS,
+        Stage.DECODE: DECODE_SIGNALS,
     }
     description = "LLaVA-NeXT: anyres CLIP crops (base + up to 4 sub-crops, unpadded, newline per row)"
 

@@ -58,16 +58,17 @@ from tokenbench.adapters.sites import (
     run_site,
 )
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
-from tokenbench.compressor import ModelInfo, Site, Stage
+from tokenbench.compressor import DECODE_SIGNALS, ModelInfo, Site, Stage
 
 
 class LlavaOnevisionAdapter(AnyresImages, StagedAdapter):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
-    stages = frozenset({Stage.PROJECTOR, Stage.LLM})
+    stages = frozenset({Stage.PROJECTOR, Stage.LLM, Stage.DECODE})
     accepts_video = True
     served_signals: ClassVar[dict[Stage, frozenset[str]]] = {
-        Stage.PROJECTOR: frozenset({"text", "attention_received"}), Stage.LLM: LLM_SITE_SIGNALS}
+        Stage.PROJECTOR: frozenset({"text", "attention_received"}), Stage.LLM: LLM_SITE_SIGNALS,
+        Stage.DECODE: DECODE_SIGNALS}
     description = ("LLaVA-OneVision: SigLIP anyres crops pooled to anyres_max_9, newline per row; videos "
                    "2×2-pooled per frame, one newline; Qwen2")
 

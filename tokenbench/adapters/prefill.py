@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from tokenbench.adapters.base import AdapterError, TokenTrace
+from tokenbench.adapters.decode import CacheView, DecodeStage
 from tokenbench.adapters.placement import execution_device
 from tokenbench.adapters.probe import RotaryFn, decoder_attention_rows, head_mean_keys
 from tokenbench.adapters.sites import (
@@ -209,6 +210,9 @@ class PrefillResult:
     next_position: list[torch.Tensor]  # per layer, [B]: first decode position
     kv_valid: list[torch.Tensor]  # per layer, [B, K_l]
     layer_positions: list[torch.Tensor] = field(default_factory=list)  # positions fed to each layer
+    # the visual tokens of the last layer's sequence: [B, V] sequence index and origin (decode stage)
+    visual_index: torch.Tensor | None = None
+    visual_origin: torch.Tensor | None = None
 
 
 class StagedPrefill:
@@ -260,7 +264,9 @@ class StagedPrefill:
             next_position.append(_largest_position(seq) + 1)
             kv_valid.append(seq.valid)
         logits = dec.lm_head(dec.norm(seq.hidden[:, -1:]))[:, -1]
-        return PrefillResult(cache, logits, next_position, kv_valid, layer_positions)
+        visual_index = seq.visual_index()
+        origin = seq.block.origin.gather(1, visual_index - seq.visual_start[:, None])
+        return PrefillResult(cache, logits, next_position, kv_valid, layer_positions, visual_index, origin)
 
     def _record(self, seq: TokenSequence) -> None:
         totals = seq.valid.sum(dim=1).tolist()
@@ -402,8 +408,10 @@ def _largest_position(seq: TokenSequence) -> torch.Tensor:
 
 
 def greedy_decode(decoder: Decoder, prefill: PrefillResult, max_new_tokens: int,
-                  eos_ids: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy tokens ``[B, T]`` and their logits ``[B, T, V]``; stops once every row hit EOS."""
+                  eos_ids: set[int], stage: DecodeStage | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens ``[B, T]`` and their logits ``[B, T, V]``; stops once every row hit EOS. With a
+    decode ``stage`` (see ``decode.py``), layers from its site on attend the method's view of their
+    cache at each step."""
     logits = prefill.logits
     tokens = logits.argmax(-1)
     out_tokens, out_logits = [tokens], [logits]
@@ -419,6 +427,8 @@ def greedy_decode(decoder: Decoder, prefill: PrefillResult, max_new_tokens: int,
             break
         hidden = decoder.embed(tokens[:, None])
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        attended: torch.Tensor | None = None  # [B, S'] cache entries the layers from the decode site attend
+        probe_input = hidden  # the hidden state entering the layer below the decode site
         for index, layer in enumerate(decoder.layers):
             position = (prefill.next_position[index] + step)[:, None]
             if multimodal:
@@ -426,12 +436,22 @@ def greedy_decode(decoder: Decoder, prefill: PrefillResult, max_new_tokens: int,
             key = groups[index]
             if key not in tables:
                 tables[key] = decoder.rotary_emb(hidden, position)
+            if stage is not None and index == stage.layer:
+                below = index - 1
+                attended = stage.attend(step, decoder.layers[below], probe_input, tables[groups[below]],
+                                        prefill.cache.layers[below].keys, kv_valid[below] if padded[below] else None,
+                                        decoder.rotary)
             mask = None
             if padded[index]:
                 kv_valid[index] = torch.cat([kv_valid[index], torch.ones_like(kv_valid[index][:, :1])], dim=1)
-                mask = decode_mask(decoder.attn_impl, kv_valid[index], hidden.dtype)
+                valid = kv_valid[index] if attended is None else kv_valid[index].gather(
+                    1, attended.to(kv_valid[index].device))  # a device map may put layers apart
+                mask = decode_mask(decoder.attn_impl, valid, hidden.dtype)
+            cache = prefill.cache if attended is None else CacheView(prefill.cache, attended)
+            if stage is not None and index == stage.layer - 1:
+                probe_input = hidden
             hidden = layer(hidden, attention_mask=mask, position_embeddings=tables[key],
-                           **{cache_argument(type(layer)): prefill.cache}, use_cache=True, position_ids=None)
+                           **{cache_argument(type(layer)): cache}, use_cache=True, position_ids=None)
         logits = decoder.lm_head(decoder.norm(hidden))[:, -1]
         tokens = logits.argmax(-1)
         out_tokens.append(tokens)

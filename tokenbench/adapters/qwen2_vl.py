@@ -39,6 +39,7 @@ from tokenbench.adapters.sites import VisualBlock, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
 from tokenbench.compressor import (
     CLIP_SIGNALS,
+    DECODE_SIGNALS,
     NEXT_BLOCK_SIGNALS,
     Architecture,
     ModelInfo,
@@ -72,7 +73,7 @@ def load_processor(path: str | Path) -> Any:
 class Qwen2VLAdapter(StagedAdapter):
     name = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
-    stages = frozenset({Stage.PROJECTOR, Stage.LLM})
+    stages = frozenset({Stage.PROJECTOR, Stage.LLM, Stage.DECODE})
     description = "Qwen2-VL / Qwen2.5-VL: dynamic-resolution ViT, 2×2 patch merger, M-RoPE decoder"
     fixed_position_policy = "original"
     accepts_video = True
@@ -81,6 +82,7 @@ class Qwen2VLAdapter(StagedAdapter):
     served_signals: ClassVar[dict[Stage, frozenset[str]]] = {
         Stage.PROJECTOR: frozenset({"attention_received", "text"}),
         Stage.LLM: LLM_SITE_SIGNALS,
+        Stage.DECODE: DECODE_SIGNALS,
     }
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from tokenbench.adapters.base import AdapterError, Generation, Prompt, TokenTrace, VLMAdapter
+from tokenbench.adapters.decode import DecodeStage
 from tokenbench.adapters.loading import rotary_of
 from tokenbench.adapters.prefill import (
     Decoder,
@@ -182,7 +183,9 @@ class StagedAdapter(VLMAdapter):
                                         traces, policy, encoded.crops, encoded.frames,
                                         generators=plan.generators).run(sequence)
             with timer.phase("decode"):
-                tokens, logits = greedy_decode(decoder, prefill, max_new_tokens, self._eos_ids())
+                stage = DecodeStage.from_plan(compressor, plan.sites, len(decoder.layers), prefill.visual_index,
+                                              prefill.visual_origin, encoded.grid, encoded.frames, traces)
+                tokens, logits = greedy_decode(decoder, prefill, max_new_tokens, self._eos_ids(), stage)
         return Run(self._generations(tokens, traces, timer.ms), tokens, logits, prefill.layer_positions)
 
     def _plan(self, encoded: Encoded, compressor: TokenCompressor | None, budget: Budget | None,
@@ -240,6 +243,7 @@ class StagedAdapter(VLMAdapter):
         for row, trace in zip(tokens.tolist(), traces):
             length = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             trace.generated_tokens = length
+            del trace.decode_visual[max(length - 1, 0):]  # decode steps after this row's EOS are not its own
             text = self.processor.tokenizer.decode(row[:length], skip_special_tokens=True).strip()
             out.append(Generation(text, trace, dict(timings)))
         return out

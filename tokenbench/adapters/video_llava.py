@@ -47,7 +47,7 @@ from tokenbench.adapters.probe import head_mean_probs, head_mean_received
 from tokenbench.adapters.qwen2_vl import load_processor
 from tokenbench.adapters.sites import Applied, VisualBlock, block_lines, interleave, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
-from tokenbench.compressor import ModelInfo, Site, Stage
+from tokenbench.compressor import DECODE_SIGNALS, ModelInfo, Site, Stage
 
 
 @dataclass
@@ -62,7 +62,7 @@ class VideoEncoded(Encoded):
 class VideoLlavaAdapter(StagedAdapter):
     name = "video_llava"
     model_types = ("video_llava",)
-    stages = frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM})
+    stages = frozenset({Stage.VISION_OUT, Stage.PROJECTOR, Stage.LLM, Stage.DECODE})
     description = "Video-LLaVA: CLIP-shaped video/image towers (8 frames × 16×16 at 224 px), MLP projector, Llama"
     protocols = ("llava", "hf")
     default_protocol = "llava"
@@ -71,6 +71,7 @@ class VideoLlavaAdapter(StagedAdapter):
         Stage.VISION_OUT: frozenset({"cls_attention", "attention_received", "keys", "text"}),
         Stage.PROJECTOR: frozenset({"text"}),
         Stage.LLM: LLM_SITE_SIGNALS,
+        Stage.DECODE: DECODE_SIGNALS,
     }
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
