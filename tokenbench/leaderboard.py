@@ -236,8 +236,7 @@ def _breakdown(model: str, task: str, runs: Sequence[dict[str, Any]], budgets: S
     if not rows_of:
         return None
     primary = rows_of[0].get("primary_metric") or ""
-    parts = list(dict.fromkeys(k.split("/", 1)[1] for r in rows_of for k in r["metrics"]
-                               if k.startswith(f"{primary}/")))
+    parts = sorted({k.split("/", 1)[1] for r in rows_of for k in r["metrics"] if k.startswith(f"{primary}/")})
     if not parts or len(parts) > MAX_BREAKDOWN_PARTS:
         return None
     ordered = [r for r in rows_of if r["budget"] is None and r["method"] == BASELINE]
