@@ -24,6 +24,15 @@ AFTER_ALL_LINES = 2 ** 40  # layout line of appended tokens: they follow the las
 BEFORE_ALL_LINES = -(2 ** 40)  # layout line of prefix tokens (``Reduction.prefix``): they lead the span
 
 
+def _around(marked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``marked`` [B, N] (bool): the index of the last marked token at or before each token (-1
+    when none) and whether a marked token comes at or after it."""
+    index = torch.arange(marked.shape[1], device=marked.device).expand_as(marked)
+    before = torch.where(marked, index, -1).cummax(dim=1).values
+    after = marked.flip(1).long().cumsum(dim=1).flip(1) > 0
+    return before, after
+
+
 def block_lines(origin: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
     """``[B, N]`` layout line of every token of a block whose visual tokens (origin >= 0) lie on
     ``line`` [B, N] (read only there). Appended tokens (origin < 0): the leading ones are a
@@ -31,12 +40,9 @@ def block_lines(origin: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
     ones follow the last one, and one between visual tokens (``Reduction.extra_after``) shares
     the line of the visual token before it, so it stays in that token's line (or frame)."""
     found = origin >= 0
-    n = origin.shape[1]
-    index = torch.arange(n, device=origin.device).expand_as(origin)
-    before = torch.where(found, index, -1).cummax(dim=1).values  # the last visual token so far
-    trailing = found.flip(1).long().cumsum(dim=1).flip(1) == 0  # no visual token from here on
+    before, visual_after = _around(found)
     appended = torch.where(before < 0, BEFORE_ALL_LINES,
-                           torch.where(trailing, AFTER_ALL_LINES, line.gather(1, before.clamp(min=0))))
+                           torch.where(visual_after, line.gather(1, before.clamp(min=0)), AFTER_ALL_LINES))
     return torch.where(found, line, appended)
 
 
@@ -46,9 +52,8 @@ def anchored_source(source: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
     follows (``Reduction.extra_after``) mapped to the token before it, so it takes that token's
     position id; leading appended tokens, and those after the last visual token, stay -1."""
     appended = origin == -1
-    index = torch.arange(source.shape[1], device=source.device).expand_as(source)
-    before = torch.where(appended, -1, index).cummax(dim=1).values
-    visual_after = (origin >= 0).flip(1).long().cumsum(dim=1).flip(1) > 0
+    before, _ = _around(~appended)
+    _, visual_after = _around(origin >= 0)
     interior = appended & (before >= 0) & visual_after
     return torch.where(interior, source.gather(1, before.clamp(min=0)), source)
 
