@@ -43,4 +43,4 @@ def test_image_methods_on_next_block_signals_run_on_videos(tmp_path):
         assert rows[method]["infeasible"] is None and rows[method]["n_errors"] == 0
         assert rows[method]["n_visual"] == 512
     assert rows["prumerge-plus"]["realised_tokens"] == 128 and rows["prumerge-plus"]["realised_ratio"] == 0.25
-    assert rows["prumerge-plus-adaptive"]["realised_tokens"] == 6
+    assert rows["prumerge-plus-adaptive"]["realised_tokens"] < 16  # 6 here: it ignores the 128 budget
