@@ -228,6 +228,16 @@ def test_prumerge_plus_runs_on_a_video_at_its_budget(request):
     assert 1 < adaptive.trace.realised_tokens <= FRAMES * 256 + 1
 
 
+def test_next_block_signals_are_refused_where_no_block_follows(request, monkeypatch):
+    a = load(request)
+    vision_out = [(Site(Stage.VISION_OUT), 64)]
+    assert a.unserved_signal_reason(PruMergePlus(), vision_out) is None
+    reason = a.unserved_signal_reason(PruMergePlus(), [(Site(Stage.PROJECTOR), 64)])
+    assert "cls_attention_next" in reason and "video_llava" in reason
+    monkeypatch.setattr(a, "vision_blocks", len(a.model.model.video_tower.encoder.layers))
+    assert "no block follows" in a.unserved_signal_reason(PruMergePlus(), vision_out)
+
+
 def test_flops_match_flop_counter_per_frame(request):
     a = load(request)
     compressor = Scripted(Site(Stage.VISION_OUT), stride=4)
