@@ -25,7 +25,15 @@ Budget: ``mode=budget`` keeps round(B) − 1 tokens plus the extra token, so B t
 plan keeps up to N (``adaptive_count``), the run records what it realised, over or under the
 budget, and it runs one image at a time. ``prumerge-plus-adaptive`` is this method with
 ``mode=adaptive``, so its results are labelled as such. FlashAttention class ``probe`` (one CLS
-query row of the next block). LLaVA only: the Qwen encoders have no CLS token.
+query row of the next block). LLaVA and Video-LLaVA: the Qwen encoders have no CLS token.
+
+Videos (Video-LLaVA) are read as one image of F·h·w frame-major tokens: the adapter computes each
+frame's CLS row over its own patches (each sums to just under 1, so the rows are comparable), and
+the method then ranks, counts and samples over all frames at once. The top tokens may crowd into a
+few frames; the IQR count (``adaptive``) is taken over every frame's entries together; the samples
+are a stride over the flat frame-major order, not a per-frame grid; the 32 key-nearest neighbours
+may come from other frames; and the extra token sums the attention of all frames' pruned tokens,
+a weight of up to about F where an image's is below 1. No per-frame variant is implemented.
 
 Reference quirks (42Shawn/LLaVA-PruMerge @097c041) and what is done here:
 

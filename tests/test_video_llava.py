@@ -10,10 +10,11 @@ import re
 import pytest
 import torch
 from adapter_tools import ALL, Scripted, image, stock_generate
+from tokenbench.methods.prumerge import PruMergePlus, PruMergePlusAdaptive
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tokenbench import Site, Stage
+from tokenbench import Budget, Site, Stage
 from tokenbench.adapters.base import AdapterError, Prompt
 from tokenbench.adapters.llava import LlavaAdapter
 from tokenbench.adapters.prefill import contiguous_positions
@@ -161,6 +162,80 @@ def test_attention_received_is_each_frames_own(request):
         stock = out.attentions[a.vision_blocks - 1].mean(dim=1).mean(dim=1)[:, 1:]
         torch.testing.assert_close(got[row], stock, rtol=1e-4, atol=1e-7)
     assert run.generations[0].trace.probe_rows == FRAMES * (SIDE * SIDE + 1)
+
+
+def _hand_next_block_signals(a: VideoLlavaAdapter, tower: torch.nn.Module, pixels: torch.Tensor, heads: str):
+    """Per frame, from the stock tower's selected hidden states [B·F, 1 + P, D] and the next block's
+    ``layer_norm1`` / ``q_proj`` / ``k_proj``: the CLS row over the frame's own patches [B·F, P]
+    and the patch keys [B·F, P, Dk], heads averaged or concatenated; and the stock next block's
+    eager attention map (head mean, CLS row) [B·F, P]."""
+    with torch.no_grad():
+        out = tower(pixels, output_hidden_states=True, output_attentions=True)
+        block = tower.encoder.layers[a.vision_blocks]
+        attn = block.self_attn
+        normed = block.layer_norm1(out.hidden_states[a.vision_blocks])
+        n, t, width = normed.shape
+        q, k = attn.q_proj(normed[:, 0]), attn.k_proj(normed)
+        if heads == "mean":
+            qh, kh = q.view(n, attn.num_heads, attn.head_dim), k.view(n, t, attn.num_heads, attn.head_dim)
+            scores = torch.einsum("nhd,nthd->nht", qh, kh) * attn.head_dim ** -0.5
+            cls_row, keys = scores.softmax(dim=-1).mean(dim=1)[:, 1:], kh[:, 1:].mean(dim=2)
+        else:
+            cls_row = (torch.einsum("nd,ntd->nt", q, k) * width ** -0.5).softmax(dim=-1)[:, 1:]
+            keys = k[:, 1:]
+    return cls_row, keys, out.attentions[a.vision_blocks].mean(dim=1)[:, 0, 1:]
+
+
+@pytest.mark.parametrize("heads", ["mean", "concat"])
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_next_block_signals_are_each_frames_own(request, kind, heads):
+    """``cls_attention_next`` / ``keys_next`` (PruMerge+'s E2 signals) per frame equal a hand computation
+    on the stock tower: the block after the selected one run on each frame's selected features,
+    frame-major [B, F·P] and [B, F·P, Dk]; one probe row per frame."""
+    a = load(request, "eager")
+    compressor = Scripted(Site(Stage.VISION_OUT), needs=frozenset({"cls_attention_next", "keys_next"}))
+    compressor.next_block_heads = heads
+    batch = video_prompts(2) if kind == "video" else image_prompts(2)
+    frames = FRAMES if kind == "video" else 1
+    run = a.run(batch, compressor=compressor, budget=ALL, max_new_tokens=1)
+    x = compressor.seen[0].x
+    pixels = a._encode(batch).image_inputs["pixel_values_videos" if kind == "video" else "pixel_values"]
+    tower = a.model.model.video_tower if kind == "video" else a.model.model.image_tower
+    cls_row, keys, stock = _hand_next_block_signals(a, tower, pixels.flatten(0, 1) if kind == "video" else pixels,
+                                                    heads)
+    per = SIDE * SIDE
+    assert x.cls_attention_next.shape == (2, frames * per) and x.keys_next.shape[:2] == (2, frames * per)
+    torch.testing.assert_close(x.cls_attention_next, cls_row.reshape(2, frames * per), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.keys_next, keys.reshape(2, frames * per, -1), rtol=1e-5, atol=1e-6)
+    if heads == "mean":  # the stock next block's own attention map agrees
+        torch.testing.assert_close(x.cls_attention_next, stock.reshape(2, frames * per), rtol=1e-4, atol=1e-7)
+    rows = x.cls_attention_next.view(2, frames, per).sum(dim=2)
+    assert bool(((rows > 0) & (rows < 1)).all())  # each frame's softmax also covers its own CLS
+    assert run.generations[0].trace.probe_rows == frames
+
+
+def test_prumerge_plus_runs_on_a_video_at_its_budget(request):
+    """PruMerge+ (an image method) on F·h·w frame-major tokens: 25% of 4 × 256 = 256 tokens enter the
+    LLM (255 kept, merged, plus the extra token)."""
+    a = load(request)
+    batch = video_prompts(2)
+    run = a.run(batch, compressor=PruMergePlus(), budget=Budget(ratio=0.25), max_new_tokens=2)
+    for g in run.generations:
+        assert g.trace.n_visual == FRAMES * 256 and g.trace.realised_tokens == 256
+        assert g.trace.llm_visual[0] == 256 and g.trace.probe_rows == FRAMES
+    adaptive = a.generate(batch[:1], compressor=PruMergePlusAdaptive(), budget=Budget(ratio=0.25),
+                          max_new_tokens=2)[0]
+    assert 1 < adaptive.trace.realised_tokens <= FRAMES * 256 + 1
+
+
+def test_next_block_signals_are_refused_where_no_block_follows(request, monkeypatch):
+    a = load(request)
+    vision_out = [(Site(Stage.VISION_OUT), 64)]
+    assert a.unserved_signal_reason(PruMergePlus(), vision_out) is None
+    reason = a.unserved_signal_reason(PruMergePlus(), [(Site(Stage.PROJECTOR), 64)])
+    assert "cls_attention_next" in reason and "video_llava" in reason
+    monkeypatch.setattr(a, "vision_blocks", len(a.model.model.video_tower.encoder.layers))
+    assert "no block follows" in a.unserved_signal_reason(PruMergePlus(), vision_out)
 
 
 def test_flops_match_flop_counter_per_frame(request):

@@ -26,3 +26,21 @@ def test_video_methods_are_planned_on_the_videos_frames(tmp_path):
     assert dycoke["decode_samples"] == 2 and dycoke["decode_visual_tokens"] == 38
     assert dycoke["decode_kv_retention"] == 38 / 128
     assert "decode KV 29.7% ²" in render_markdown(json.loads(result.stdout))
+
+
+def test_image_methods_on_next_block_signals_run_on_videos(tmp_path):
+    """Issue #19: PruMerge+ reads the next CLIP block's CLS attention and keys, which Video-LLaVA serves
+    per frame; at 25% of the 8 × 64 patch tokens it realises 128, its adaptive variant what its IQR
+    count gives (flat attention in this model's untrained last CLIP block: one top token, four
+    samples and the extra token)."""
+    result = CliRunner().invoke(cli, ["run", "--model", "tiny-video-llava-shapes", "--tasks", "shapes-video",
+                                      "--methods", "prumerge-plus,prumerge-plus-adaptive", "--budgets", "25%",
+                                      "--limit", "2", "--no-efficiency", "--output", str(tmp_path / "out"),
+                                      "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads(result.stdout)}
+    for method in ("prumerge-plus", "prumerge-plus-adaptive"):
+        assert rows[method]["infeasible"] is None and rows[method]["n_errors"] == 0
+        assert rows[method]["n_visual"] == 512
+    assert rows["prumerge-plus"]["realised_tokens"] == 128 and rows["prumerge-plus"]["realised_ratio"] == 0.25
+    assert rows["prumerge-plus-adaptive"]["realised_tokens"] < 16  # 6 here: it ignores the 128 budget

@@ -244,33 +244,13 @@ class LlavaAdapter(StagedAdapter):
 
     def _next_block_signals(self, selected: torch.Tensor, bias: torch.Tensor | None,
                             compressor: TokenCompressor, traces: list[TokenTrace]) -> dict[str, torch.Tensor]:
-        """E2: the CLS row and the patch keys of the CLIP block after the selected one, run on the
-        selected features (its LayerNorm and q/k projections only; the block's output is not needed)."""
+        """E2: the CLS row and the patch keys of the CLIP block after the selected one."""
         block = self.model.model.vision_tower.encoder.layers[self.vision_blocks]
-        attn = block.self_attn
-        normed = block.layer_norm1(selected.to(execution_device(block)))
-        bias = None if bias is None else bias.to(normed.device)
-        b, t, width = normed.shape
-        keys = attn.k_proj(normed)
-        out: dict[str, torch.Tensor] = {}
-        if compressor.next_block_heads == "concat":
-            if "cls_attention_next" in compressor.needs:
-                scores = (attn.q_proj(normed[:, :1]).float() @ keys.float().transpose(1, 2)) * width ** -0.5
-                if bias is not None:
-                    scores = scores + bias[:, 0].float()
-                out["cls_attention_next"] = scores.softmax(dim=-1)[:, 0, 1:]
-            out["keys_next"] = keys[:, 1:]
-        else:
-            if "cls_attention_next" in compressor.needs:
-                queries = attn.q_proj(normed[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-                split = keys.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-                probs = head_mean_probs(queries, split, attn.scale, bias=None if bias is None else bias[:, 0])
-                out["cls_attention_next"] = probs[:, 0, 1:]
-            out["keys_next"] = keys[:, 1:].view(b, t - 1, attn.num_heads, attn.head_dim).mean(dim=2)
+        out = next_block_signals(block, selected, compressor, bias)
         if "cls_attention_next" in out:
             for trace in traces:
                 trace.probe_rows += 1
-        return {name: value.to(selected.device) for name, value in out.items()}
+        return out
 
     def _clip_signals(self, features: torch.Tensor, encoded: Any,
                       compressor: TokenCompressor | None) -> dict[str, torch.Tensor]:
@@ -320,6 +300,35 @@ def _clip_keys(block: torch.nn.Module, block_input: torch.Tensor) -> torch.Tenso
     attn = block.self_attn
     normed = block.layer_norm1(block_input.to(execution_device(block)))
     return head_mean_keys(attn.k_proj, normed, attn.head_dim).to(block_input.device)
+
+
+def next_block_signals(block: torch.nn.Module, selected: torch.Tensor, compressor: TokenCompressor,
+                       bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """E2: ``cls_attention_next`` [B, N] (only if ``compressor`` needs it) and ``keys_next`` [B, N, Dk] of
+    the CLIP ``block`` after the selected one, run on the selected features ``selected`` [B, 1 + N, D]
+    (CLS first; its LayerNorm and q/k projections only, the block's output is not needed). Heads
+    combine as ``compressor.next_block_heads`` says; ``bias`` is ToMe's log-size bias on the keys."""
+    attn = block.self_attn
+    normed = block.layer_norm1(selected.to(execution_device(block)))
+    bias = None if bias is None else bias.to(normed.device)
+    b, t, width = normed.shape
+    keys = attn.k_proj(normed)
+    out: dict[str, torch.Tensor] = {}
+    if compressor.next_block_heads == "concat":
+        if "cls_attention_next" in compressor.needs:
+            scores = (attn.q_proj(normed[:, :1]).float() @ keys.float().transpose(1, 2)) * width ** -0.5
+            if bias is not None:
+                scores = scores + bias[:, 0].float()
+            out["cls_attention_next"] = scores.softmax(dim=-1)[:, 0, 1:]
+        out["keys_next"] = keys[:, 1:]
+    else:
+        if "cls_attention_next" in compressor.needs:
+            queries = attn.q_proj(normed[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            split = keys.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+            probs = head_mean_probs(queries, split, attn.scale, bias=None if bias is None else bias[:, 0])
+            out["cls_attention_next"] = probs[:, 0, 1:]
+        out["keys_next"] = keys[:, 1:].view(b, t - 1, attn.num_heads, attn.head_dim).mean(dim=2)
+    return {name: value.to(selected.device) for name, value in out.items()}
 
 
 def _size_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

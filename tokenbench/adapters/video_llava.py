@@ -17,6 +17,9 @@ An image goes through the image tower with the CLS token dropped (``vision_featu
 
 Stages: ``vision_out`` (the selected layer, before the projector, per-frame features frame-major;
 the projector then runs on the kept tokens only), ``projector`` and ``llm``.
+The next-block signals (``cls_attention_next``, ``keys_next``, spec wave 2 §20 E2) come, per frame,
+from the tower's block after the selected one run on that frame's selected features (its LayerNorm
+and q/k projections only): each frame's CLS row over its own patches, frame-major like the rest.
 
 Preprocessing: every frame goes through the checkpoint's image processor (resize the shorter side to
 224 bicubic, centre crop 224, CLIP normalisation), the steps ``VideoLlavaVideoProcessor`` applies,
@@ -39,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 
 from tokenbench.adapters.base import AdapterError, Prompt, TokenTrace
-from tokenbench.adapters.llava import VICUNA_V1_SYSTEM, _clip_keys, llava_architecture
+from tokenbench.adapters.llava import VICUNA_V1_SYSTEM, _clip_keys, llava_architecture, next_block_signals
 from tokenbench.adapters.loading import load_checkpoint
 from tokenbench.adapters.placement import execution_device
 from tokenbench.adapters.prefill import LLM_SITE_SIGNALS, TokenSequence
@@ -47,7 +50,7 @@ from tokenbench.adapters.probe import head_mean_probs, head_mean_received
 from tokenbench.adapters.qwen2_vl import load_processor
 from tokenbench.adapters.sites import Applied, VisualBlock, block_lines, interleave, run_site
 from tokenbench.adapters.staged import Encoded, Plan, StagedAdapter
-from tokenbench.compressor import DECODE_SIGNALS, ModelInfo, Site, Stage
+from tokenbench.compressor import DECODE_SIGNALS, NEXT_BLOCK_SIGNALS, ModelInfo, Site, Stage, TokenCompressor
 
 
 @dataclass
@@ -68,7 +71,7 @@ class VideoLlavaAdapter(StagedAdapter):
     default_protocol = "llava"
     accepts_video = True
     served_signals: ClassVar[dict[Stage, frozenset[str]]] = {
-        Stage.VISION_OUT: frozenset({"cls_attention", "attention_received", "keys", "text"}),
+        Stage.VISION_OUT: frozenset({"cls_attention", "attention_received", "keys", "text"}) | NEXT_BLOCK_SIGNALS,
         Stage.PROJECTOR: frozenset({"text"}),
         Stage.LLM: LLM_SITE_SIGNALS,
         Stage.DECODE: DECODE_SIGNALS,
@@ -182,6 +185,11 @@ class VideoLlavaAdapter(StagedAdapter):
                     trace.probe_rows += block_input.shape[0] // batch * block_input.shape[1]
             if "keys" in needs:
                 signals["keys"] = by_video(_clip_keys(last, block_input)[:, 1:])
+            if needs & NEXT_BLOCK_SIGNALS:  # each frame's CLS over its own patches in the next block
+                following = next_block_signals(tower.encoder.layers[self.vision_blocks], hidden, compressor)
+                signals |= {name: by_video(value) for name, value in following.items()}
+                for trace in traces:
+                    trace.probe_rows += frames * int("cls_attention_next" in following)
             if "text" in needs:
                 signals["text"] = sequence.text_after_image()
             patches = run_site(compressor, Site(Stage.VISION_OUT), keep[0], patches, grid, plan.generator,
@@ -198,6 +206,15 @@ class VideoLlavaAdapter(StagedAdapter):
             patches = run_site(compressor, Site(Stage.PROJECTOR), keep[0], patches, grid, plan.generator,
                                frames=frames, generators=plan.generators, **signals).block
         return patches
+
+    def unserved_signal_reason(self, compressor: TokenCompressor,
+                               plan: Sequence[tuple[Site, int]]) -> str | None:
+        next_block = compressor.needs & NEXT_BLOCK_SIGNALS
+        if next_block and self.vision_blocks >= len(self.model.model.video_tower.encoder.layers):
+            return (f"method '{compressor.name}' needs {', '.join(sorted(next_block))}, which the {self.name} "
+                    "adapter cannot serve for this checkpoint: its selected vision layer is the last CLIP "
+                    "block, so no block follows it")
+        return super().unserved_signal_reason(compressor, plan)
 
     def _span(self, encoded: Encoded, block: VisualBlock) -> Applied:
         """For a video, each frame's CLS token goes back just before the surviving patches of its
