@@ -21,7 +21,7 @@ still leaves a model.
 The shipped model took two runs (its ``training.json`` chains them): 1600 steps from the image model
 without the training-only questions (80.8% held out; direction 41%, moving 68%), then 1500 steps on
 3000 new clips with them and the motion families weighted up (``--init-model``, ``--families
-direction,moving,direction,moving,appear,disappear,half,counting``): 90.0% held out, 22 minutes on
+direction,moving,direction,moving,appear,disappear,half,counting``): 90.0% held out, 23 minutes on
 2 CPU cores.
 
 Data splits: training 2, validation 3; the evaluation split 0 is never trained on.
