@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -74,6 +73,7 @@ from tokenbench.zoo.data import (
     pixel_values,
     vocabulary,
 )
+from tokenbench.zoo.schedule import Stopwatch, warmup_cosine_lr
 
 __all__ = ["N_VISUAL", "PATCH", "build_model", "build_processor", "evaluate", "patch_labels", "pixel_values",
            "pretrain_vision", "train_language"]
@@ -128,13 +128,6 @@ def vision_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) 
     return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
-def _scheduled_lr(step: int, steps: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def _epoch_batches(size: int, batch: int, seed: int):
     """Endless shuffled batches of row indices, a new permutation every pass."""
     generator = torch.Generator().manual_seed(seed)
@@ -176,7 +169,7 @@ def pretrain_vision(model: LlavaForConditionalGeneration, pool: ScenePool, steps
             scored = on_object if name != "column" else torch.ones_like(on_object)
             accuracy[name] = (logits.argmax(-1) == target)[scored].float().mean().item()
         for group in optimiser.param_groups:
-            group["lr"] = _scheduled_lr(step, steps, lr, warmup=min(50, steps // 10 + 1))
+            group["lr"] = warmup_cosine_lr(step, steps, lr, warmup=min(50, steps // 10 + 1))
         optimiser.zero_grad()
         loss = torch.stack(losses).sum()
         loss.backward()
@@ -278,7 +271,7 @@ def train_language(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTo
         data = language_batch(tokenizer, pool, next(batches).tolist(), turns=turns, seed=seed * 100_003 + step,
                               background=background)
         for group in optimiser.param_groups:
-            group["lr"] = _scheduled_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+            group["lr"] = warmup_cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
         logits = answer_logits(model, features, data)[:, :-1]
         targets = data["labels"][:, 1:].to(logits.device)
         supervised = targets >= 0
@@ -400,14 +393,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA device; use --device cpu")
     torch.set_num_threads(args.threads)
-    timings: dict[str, float] = {}
-    clock = time.time()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        timings[name] = round(time.time() - clock)
-        clock = time.time()
-        print(f"[{name}: {timings[name]} s]", flush=True)
+    stopwatch = Stopwatch()
+    lap = stopwatch.lap
 
     processor = build_processor()
     tokenizer = processor.tokenizer
@@ -460,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = evaluate(model, processor, args.eval_limit)
     report_data = {"command": " ".join(["python -m tokenbench.zoo.train", *(sys.argv[1:] if argv is None else argv)]),
                    "arguments": {k: str(v) for k, v in vars(args).items()},
-                   "parameters": _parameter_counts(model), "seconds": timings,
+                   "parameters": _parameter_counts(model), "seconds": stopwatch.seconds,
                    "vision_object_patch_accuracy": vision_accuracy,
                    "validation": validations[args.language_steps],
                    f"held_out_accuracy_{args.eval_limit}": metrics}

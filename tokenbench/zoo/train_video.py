@@ -51,6 +51,7 @@ from transformers import (
 from tokenbench.tasks import shapes_video
 from tokenbench.tiny_models import word_level_tokenizer
 from tokenbench.zoo.data import COLUMN_WORDS, conversation_ids, pixel_values, turn_mask, vocabulary
+from tokenbench.zoo.schedule import Stopwatch, warmup_cosine_lr
 
 PATCH = 28
 GRID = shapes_video.FRAME_SIZE // PATCH
@@ -330,13 +331,6 @@ def evaluate(model: VideoLlavaForConditionalGeneration, processor: VideoProcessi
     return task.aggregate(records)
 
 
-def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return peak * (0.1 + 0.45 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     from tokenbench.zoo import EMBEDDED
 
@@ -366,14 +360,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval-limit", type=int, default=600)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    seconds: dict[str, float] = {}
-    clock = time.time()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        seconds[name] = round(time.time() - clock)
-        clock = time.time()
-        print(f"[{name}: {seconds[name]} s]", flush=True)
+    stopwatch = Stopwatch()
+    lap = stopwatch.lap
 
     processor = build_processor()
     tokenizer = processor.tokenizer
@@ -417,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         data = make_batch(tokenizer, clips, families, rows, seed=args.seed * 100_003 + step, background=background,
                           auxiliary=args.auxiliary)
         for group in optimiser.param_groups:
-            group["lr"] = _lr(step, args.steps, args.lr, warmup=50)
+            group["lr"] = warmup_cosine_lr(step, args.steps, args.lr, warmup=50)
         logits = batch_logits(model, features, data)[:, :-1]
         targets = data["labels"][:, 1:]
         supervised = targets >= 0
@@ -439,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = evaluate(model, processor, args.eval_limit)
     lap("evaluation")
     record = {"command": " ".join(["python -m tokenbench.zoo.train_video", *(sys.argv[1:] if argv is None else argv)]),
-              "arguments": {k: str(v) for k, v in vars(args).items()}, "seconds": seconds,
+              "arguments": {k: str(v) for k, v in vars(args).items()}, "seconds": stopwatch.seconds,
               "validation": validations[args.steps], f"held_out_accuracy_{args.eval_limit}": metrics}
     earlier = args.init_model / "training.json" if args.init_model else None
     if earlier is not None and earlier.is_file():  # the record of the model this run went on from
