@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -145,9 +146,9 @@ def test_training_only_questions_read_the_tracks():
 
 
 def test_learning_rate_warms_up_then_falls_to_a_tenth():
-    from tokenbench.zoo.schedule import warmup_cosine_lr
+    from tokenbench.zoo.training import warmup_cosine_lr
 
     rates = [warmup_cosine_lr(step, 100, 1.0, warmup=10) for step in range(101)]
     assert rates[0] == 0.1 and rates[9] == 1.0  # linear warm-up to the peak
-    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))  # then only down
+    assert all(a >= b for a, b in itertools.pairwise(rates[9:]))  # then only down
     assert abs(rates[55] - 0.55) < 1e-12 and abs(rates[100] - 0.1) < 1e-12  # half-way, and a tenth at the end

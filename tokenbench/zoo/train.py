@@ -73,7 +73,7 @@ from tokenbench.zoo.data import (
     pixel_values,
     vocabulary,
 )
-from tokenbench.zoo.schedule import Stopwatch, warmup_cosine_lr
+from tokenbench.zoo.training import Stopwatch, warmup_cosine_lr, write_record
 
 __all__ = ["N_VISUAL", "PATCH", "build_model", "build_processor", "evaluate", "patch_labels", "pixel_values",
            "pretrain_vision", "train_language"]
@@ -445,17 +445,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.language_steps not in validations:  # the last snapshot is the trained model
         report(args.language_steps)
     metrics = evaluate(model, processor, args.eval_limit)
-    report_data = {"command": " ".join(["python -m tokenbench.zoo.train", *(sys.argv[1:] if argv is None else argv)]),
-                   "arguments": {k: str(v) for k, v in vars(args).items()},
-                   "parameters": _parameter_counts(model), "seconds": stopwatch.seconds,
-                   "vision_object_patch_accuracy": vision_accuracy,
-                   "validation": validations[args.language_steps],
-                   f"held_out_accuracy_{args.eval_limit}": metrics}
-    earlier = args.init_model / "training.json" if args.init_model else None
-    if earlier is not None and earlier.is_file():  # the record of the model this run went on from
-        report_data["started_from"] = json.loads(earlier.read_text())
-    (args.out / "training.json").write_text(json.dumps(report_data, indent=2) + "\n")
-    print(json.dumps(report_data, indent=2))
+    write_record(args.out, "tokenbench.zoo.train", sys.argv[1:] if argv is None else argv, args,
+                 parameters=_parameter_counts(model), seconds=stopwatch.seconds,
+                 vision_object_patch_accuracy=vision_accuracy, validation=validations[args.language_steps],
+                 **{f"held_out_accuracy_{args.eval_limit}": metrics})
 
 
 if __name__ == "__main__":

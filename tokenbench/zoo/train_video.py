@@ -51,7 +51,7 @@ from transformers import (
 from tokenbench.tasks import shapes_video
 from tokenbench.tiny_models import word_level_tokenizer
 from tokenbench.zoo.data import COLUMN_WORDS, conversation_ids, pixel_values, turn_mask, vocabulary
-from tokenbench.zoo.schedule import Stopwatch, warmup_cosine_lr
+from tokenbench.zoo.training import Stopwatch, warmup_cosine_lr, write_record
 
 PATCH = 28
 GRID = shapes_video.FRAME_SIZE // PATCH
@@ -426,14 +426,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         snapshot(args.steps)
     metrics = evaluate(model, processor, args.eval_limit)
     lap("evaluation")
-    record = {"command": " ".join(["python -m tokenbench.zoo.train_video", *(sys.argv[1:] if argv is None else argv)]),
-              "arguments": {k: str(v) for k, v in vars(args).items()}, "seconds": stopwatch.seconds,
-              "validation": validations[args.steps], f"held_out_accuracy_{args.eval_limit}": metrics}
-    earlier = args.init_model / "training.json" if args.init_model else None
-    if earlier is not None and earlier.is_file():  # the record of the model this run went on from
-        record["started_from"] = json.loads(earlier.read_text())
-    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    write_record(args.out, "tokenbench.zoo.train_video", sys.argv[1:] if argv is None else argv, args,
+                 seconds=stopwatch.seconds, validation=validations[args.steps],
+                 **{f"held_out_accuracy_{args.eval_limit}": metrics})
 
 
 if __name__ == "__main__":
