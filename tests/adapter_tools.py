@@ -99,3 +99,22 @@ class Scripted(TokenCompressor):
             sizes[:, : n // 2] += x.sizes[:, 1: 2 * (n // 2): 2]
         extra = x.visual[:, :self.extra].flip(1) * 0.5 if self.extra else None
         return Reduction(keep, values=values, extra=extra, sizes=sizes)
+
+
+def counted_flops(run):
+    """``run()`` under ``FlopCounterMode`` with the math SDPA backend (which decomposes attention into
+    matmuls the counter sees): its result, and ``total(pattern)``, the FLOPs counted in the modules
+    whose names fully match the regular expression ``pattern``."""
+    import re
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        result = run()
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+
+    def total(pattern: str) -> int:
+        return sum(v for k, v in counts.items() if re.fullmatch(pattern, k))
+
+    return result, total

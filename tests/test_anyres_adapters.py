@@ -5,14 +5,11 @@ ratios, FLOPs against FlopCounterMode."""
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 
 import pytest
 import torch
-from adapter_tools import ALL, Scripted, image
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from adapter_tools import ALL, Scripted, counted_flops, image
 
 from tokenbench import Budget, Infeasible, Site, Stage
 from tokenbench.adapters.base import AdapterError, Prompt
@@ -290,13 +287,9 @@ def test_full_flops_match_flop_counter(request, family, method, budget):
     a = load(request, family)
     fam = FAMILIES[family]
     compressor = load_registry().compressor(method)() if method else None
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        generation = a.generate(prompts_of(fam.size, 1), compressor=compressor,
-                                budget=Budget.parse(budget) if budget else None, max_new_tokens=3)[0]
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-
-    def total(pattern: str) -> int:
-        return sum(v for k, v in counts.items() if re.fullmatch(pattern, k))
+    generation, total = counted_flops(
+        lambda: a.generate(prompts_of(fam.size, 1), compressor=compressor,
+                           budget=Budget.parse(budget) if budget else None, max_new_tokens=3)[0])
 
     flops = full_flops(a.info().arch, generation.trace)
     steps = generation.trace.generated_tokens - 1

@@ -6,15 +6,12 @@ pooled like the features, and video methods run end to end."""
 from __future__ import annotations
 
 import functools
-import re
 
 import numpy as np
 import pytest
 import torch
-from adapter_tools import ALL, Scripted, image, stock_generate
+from adapter_tools import ALL, Scripted, counted_flops, image, stock_generate
 from PIL import Image
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from tokenbench import Budget, Infeasible, Site, Stage
 from tokenbench.adapters.base import AdapterError, Prompt
@@ -174,12 +171,8 @@ def test_frames_are_resized_to_the_encoder_without_tiling(request):
 def test_flops_match_flop_counter_per_frame(request):
     a = load(request)
     compressor = Scripted(Site(Stage.PROJECTOR), stride=4)
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        generation = a.generate(video_prompts(1), compressor=compressor, budget=ALL, max_new_tokens=3)[0]
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-
-    def total(pattern: str) -> int:
-        return sum(v for k, v in counts.items() if re.fullmatch(pattern, k))
+    generation, total = counted_flops(
+        lambda: a.generate(video_prompts(1), compressor=compressor, budget=ALL, max_new_tokens=3)[0])
 
     flops = full_flops(a.info(frames=FRAMES).arch, generation.trace)
     steps = generation.trace.generated_tokens - 1

@@ -5,14 +5,11 @@ the analytic FLOPs match FlopCounterMode frame by frame."""
 from __future__ import annotations
 
 import functools
-import re
 
 import pytest
 import torch
-from adapter_tools import ALL, Scripted, image, stock_generate
+from adapter_tools import ALL, Scripted, counted_flops, image, stock_generate
 from tokenbench.methods.prumerge import PruMergePlus, PruMergePlusAdaptive
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from tokenbench import Budget, Site, Stage
 from tokenbench.adapters.base import AdapterError, Prompt
@@ -241,12 +238,8 @@ def test_next_block_signals_are_refused_where_no_block_follows(request, monkeypa
 def test_flops_match_flop_counter_per_frame(request):
     a = load(request)
     compressor = Scripted(Site(Stage.VISION_OUT), stride=4)
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        generation = a.generate(video_prompts(1), compressor=compressor, budget=ALL, max_new_tokens=3)[0]
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-
-    def total(pattern: str) -> int:
-        return sum(v for k, v in counts.items() if re.fullmatch(pattern, k))
+    generation, total = counted_flops(
+        lambda: a.generate(video_prompts(1), compressor=compressor, budget=ALL, max_new_tokens=3)[0])
 
     flops = full_flops(a.info(frames=FRAMES).arch, generation.trace)
     steps = generation.trace.generated_tokens - 1
