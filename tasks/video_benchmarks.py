@@ -85,6 +85,9 @@ class VideoHubTask(HubTask):
     def video_paths(self, row: dict[str, Any]) -> list[Path]:
         raise NotImplementedError
 
+    def provenance(self) -> dict[str, Any]:
+        return super().provenance() | {"frames": self.frames}
+
     def sample_from(self, index: int, row: dict[str, Any]) -> Sample:
         sample = super().sample_from(index, row)
         if "error" in sample.meta:  # an unusable row: its video, not an image, fails to load

@@ -182,3 +182,57 @@ def test_videomme_from_local_rows_and_videos(videomme_dir):
     assert metrics["accuracy"] == pytest.approx(100 / 3)
     assert metrics["accuracy/short"] == 50.0 and metrics["accuracy/long"] == 0.0
     assert "local copy" in task.provenance()["dataset"]
+
+
+# ----------------------------------------------------------------------------------- frames per video
+
+
+def test_frames_default_to_the_model_familys_evaluation_and_reach_the_task(request, mvbench_dir):
+    """Video-LLaVA samples 8 frames, LLaVA-OneVision 32 (lmms-eval's default), ``--frames`` overrides
+    both; the video benchmark decodes that many and says so in its provenance."""
+    from tokenbench.config import RunConfig
+    from tokenbench.models import resolve_model
+    from tokenbench.runner import load_task, video_frames
+
+    registry = load_registry()
+
+    def config(fixture: str, frames: int | None = None) -> RunConfig:
+        model = resolve_model(str(request.getfixturevalue(fixture)), registry)
+        return RunConfig(model=model, methods=[], budgets=[], tasks=["mvbench"], data_dir=mvbench_dir,
+                         frames=frames)
+
+    assert video_frames(config("tiny_video_llava_dir"), registry) == 8
+    onevision = config("tiny_llava_onevision_dir")
+    assert video_frames(onevision, registry) == 32
+    assert video_frames(config("tiny_llava_onevision_dir", frames=12), registry) == 12
+    task, samples = load_task("mvbench", onevision, registry, video_frames(onevision, registry))
+    moving = next(s for s in samples if s.meta["subtask"] == "moving_direction")
+    frames = moving.load_video()
+    assert len(frames) == 32 and task.provenance()["frames"] == 32
+    assert grey_levels(frames) == np.linspace(0, FRAMES_IN_FILE - 1, 32).astype(int).tolist()
+    shapes, _ = load_task("shapes-video", onevision, registry, 32)  # its clips have 8 frames, whatever --frames
+    assert not hasattr(shapes, "frames")
+
+
+def test_frames_must_be_positive(tmp_path):
+    from click.testing import CliRunner
+
+    from tokenbench.cli import cli
+
+    result = CliRunner().invoke(cli, ["run", "--tasks", "shapes-video", "--frames", "0", "--output", str(tmp_path)])
+    assert result.exit_code == 2 and "--frames" in result.output and "Traceback" not in result.output
+
+
+def test_a_run_with_other_frames_does_not_reuse_finished_samples(request, mvbench_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from tokenbench.cli import cli
+
+    model = str(request.getfixturevalue("tiny_video_llava_dir"))
+    for frames in (4, 6):
+        result = CliRunner().invoke(cli, ["run", "--model", model, "--tasks", "mvbench", "--data-dir", str(mvbench_dir),
+                                          "--methods", "random", "--budgets", "50%", "--no-efficiency",
+                                          "--frames", str(frames), "--output", str(tmp_path)])
+        assert result.exit_code == 0 and "already done" not in result.output, result.output
+    runs = sorted((tmp_path / "runs").glob("*mvbench__none*"))  # one record per frame count, kept apart
+    assert sorted(json.loads(r.read_text())["provenance"]["frames"] for r in runs) == [4, 6]

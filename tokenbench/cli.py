@@ -199,6 +199,10 @@ def models(ctx: click.Context) -> None:
 @click.option("--scoring", type=click.Choice(["official", "lenient"]), default="official", show_default=True,
               help="Benchmark scoring: each benchmark's official rule, or lenient (wider reading of choice "
                    "letters and VQA answers; recorded in the provenance).")
+@click.option("--frames", type=click.IntRange(min=1), default=None,
+              help="Frames a video benchmark (mvbench, videomme) samples uniformly from each video; default: "
+                   "the model family's reference evaluation (Video-LLaVA 8, LLaVA-OneVision and Qwen2-VL 32). "
+                   "shapes-video clips always have 8.")
 @click.option("--protocol", type=click.Choice(["llava", "hf"]), default=None,
               help="Prompt and image protocol: llava (LLaVA-1.5's pad-to-square and vicuna_v1 conversation; "
                    "default for LLaVA checkpoints) or hf (processor and chat template; default for "
@@ -213,7 +217,7 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         limit: int | None, seed: int, output: str, option_assignments: tuple[str, ...], dtype: str,
         attn: str, device: str, batch_size: int, data_dir: str | None, efficiency: bool,
         accuracy: bool, model_config: str | None, as_json: bool, scoring: str, protocol: str | None,
-        device_map: str | None, max_memory: str | None, threads: int | None) -> None:
+        device_map: str | None, max_memory: str | None, threads: int | None, frames: int | None) -> None:
     """Run methods x budgets x tasks on a model (plus the uncompressed baseline)."""
     registry = _registry(ctx)
     method_names = parse_method_list(methods_text, registry)
@@ -252,7 +256,8 @@ def run(ctx: click.Context, model: str | None, methods_text: str, budgets: str, 
         methods=[MethodSpec(n, options[n]) for n in method_names], budgets=budget_list, tasks=task_names,
         limit=limit, seed=seed, output=Path(output), dtype=dtype, attn=attn, device=device,
         batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None, efficiency=efficiency,
-        scoring=scoring, protocol=protocol, device_map=device_map, max_memory=memory, threads=threads)
+        scoring=scoring, protocol=protocol, device_map=device_map, max_memory=memory, threads=threads,
+        frames=frames)
     try:
         from tokenbench.runner import resolve_protocol
         from tokenbench.runner import run as run_benchmark

@@ -54,6 +54,7 @@ class RunConfig:
     device_map: str | None = None  # --device-map: spread the model over devices (adapters.placement)
     max_memory: dict[int | str, str] | None = None  # --max-memory, with --device-map
     threads: int | None = None  # torch.set_num_threads before the run; None: torch's default
+    frames: int | None = None  # --frames: per video of a video benchmark; None: the model's (runner.video_frames)
 
 
 def parse_method_list(text: str, registry: Registry) -> list[str]:

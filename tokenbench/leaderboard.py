@@ -113,7 +113,7 @@ def _hardware(record: dict[str, Any]) -> str | None:
 
 # provenance that changes what a score means: runs that differ in any of these are never put in one table
 COMPARABILITY = ("limit", "dtype", "attention_backend", "max_new_tokens", "random_weights", "seed", "protocol",
-                 "scoring")
+                 "scoring", "frames")
 
 
 def _setting(record: dict[str, Any]) -> tuple:

@@ -286,7 +286,8 @@ def settings_key(record: dict[str, Any]) -> str:
     """A short hash of the record's :data:`SETTINGS` (from its provenance): records of one model,
     task, method and budget with equal keys are the same computation."""
     provenance = record.get("provenance") or {}
-    return record_key(**{name: provenance.get(name) for name in SETTINGS})[:10]
+    frames = {"frames": provenance["frames"]} if provenance.get("frames") else {}  # video benchmarks only
+    return record_key(**{name: provenance.get(name) for name in SETTINGS}, **frames)[:10]
 
 
 def write_run_record(directory: Path, record: dict[str, Any]) -> Path:

@@ -27,6 +27,7 @@ site outside the model's layers.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import sys
@@ -106,7 +107,7 @@ def run_arguments(config: RunConfig, accuracy: bool = True) -> dict[str, Any]:
             "limit": config.limit, "seed": config.seed, "dtype": config.dtype, "attn": config.attn,
             "device": config.device, "data_dir": str(config.data_dir) if config.data_dir else None,
             "efficiency": config.efficiency, "tokenbench": tokenbench.__version__,
-            "scoring": config.scoring, "protocol": config.protocol}
+            "scoring": config.scoring, "protocol": config.protocol} | ({"frames": config.frames} if config.frames else {})
 
 
 def load_adapter(config: RunConfig, registry: Registry, random_weights: bool = False) -> VLMAdapter:
@@ -130,6 +131,23 @@ def load_adapter(config: RunConfig, registry: Registry, random_weights: bool = F
     adapter = cls.load(config.model.location, dtype=dtype, attn=config.attn, device=placement)
     adapter.protocol = resolve_protocol(config, cls)
     return adapter
+
+
+def video_frames(config: RunConfig, registry: Registry) -> int:
+    """``--frames``, else the frame count of the model family's reference evaluation
+    (``VLMAdapter.video_frames``); a hub model not read yet is read for its ``model_type`` (when
+    that fails, loading the model reports why)."""
+    if config.frames:
+        return config.frames
+    model_type = config.model.model_type
+    if model_type is None:
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(config.model.location).model_type
+        except Exception:  # noqa: BLE001 -- the model's own load says what is wrong
+            return VLMAdapter.video_frames
+    return registry.adapter_for(model_type).video_frames
 
 
 def resolve_protocol(config: RunConfig, adapter_cls: type[VLMAdapter]) -> str:
@@ -168,7 +186,8 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
                                                                   else None))
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    tasks = {name: load_task(name, config, registry) for name in config.tasks}
+    frames = video_frames(config, registry)
+    tasks = {name: load_task(name, config, registry, frames) for name in config.tasks}
     try:
         adapter = load_adapter(config, registry, random_weights)
     except ConfigError:
@@ -200,13 +219,17 @@ def run(config: RunConfig, registry: Registry, *, accuracy: bool = True,
     return records
 
 
-def load_task(name: str, config: RunConfig, registry: Registry) -> tuple[Task, list[Sample]]:
-    """The task and its samples, read before the model loads; unreadable data are one line (the
-    ``datasets`` library's own error log, which says the same at length, is held back)."""
+def load_task(name: str, config: RunConfig, registry: Registry,
+              frames: int | None = None) -> tuple[Task, list[Sample]]:
+    """The task and its samples, read before the model loads; a task that samples frames from its
+    videos takes ``frames`` of each. Unreadable data are one line (the ``datasets`` library's own
+    error log, which says the same at length, is held back)."""
     disabled = logging.root.manager.disable
     logging.disable(logging.ERROR)
     try:
-        task: Task = registry.task(name)(config.data_dir)
+        cls = registry.task(name)
+        takes_frames = frames is not None and "frames" in inspect.signature(cls).parameters
+        task: Task = cls(config.data_dir, frames=frames) if takes_frames else cls(config.data_dir)
         task.scoring = config.scoring
         return task, list(task.samples(config.limit))
     except TaskDataError:
@@ -243,7 +266,8 @@ class Harness:
                           budget=arm.budget.label if arm.budget else None, seed=self.config.seed,
                           dtype=self.config.dtype, attn=self.config.attn, version=tokenbench.__version__,
                           max_new_tokens=task.max_new_tokens, protocol=getattr(self.adapter, "protocol", "hf"),
-                          scoring=getattr(task, "scoring", "official"))
+                          scoring=getattr(task, "scoring", "official"),
+                          **({"frames": task.frames} if getattr(task, "frames", None) else {}))
 
     # ------------------------------------------------------------------------------------- task
     def reference_info(self, task: Task, samples: Sequence[Sample]) -> ModelInfo:

@@ -127,6 +127,9 @@ class VLMAdapter(ABC):
     #: The protocol ``tokenbench run`` uses for a checkpoint of this family when ``--protocol`` is not
     #: given (embedded models always use ``hf``, the protocol they were trained with).
     default_protocol: ClassVar[str] = "hf"
+    #: Frames a video benchmark samples per video for this family when ``--frames`` is not given: the
+    #: count its reference evaluation uses (lmms-eval's defaults; Video-LLaVA's own evaluation takes 8).
+    video_frames: ClassVar[int] = 8
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         self.model = model.eval()

@@ -66,6 +66,7 @@ class LlavaOnevisionAdapter(AnyresImages, StagedAdapter):
     model_types = ("llava_onevision",)
     stages = frozenset({Stage.PROJECTOR, Stage.LLM, Stage.DECODE})
     accepts_video = True
+    video_frames = 32  # lmms-eval's llava_onevision max_frames_num
     served_signals: ClassVar[dict[Stage, frozenset[str]]] = {
         Stage.PROJECTOR: frozenset({"text", "attention_received"}), Stage.LLM: LLM_SITE_SIGNALS,
         Stage.DECODE: DECODE_SIGNALS}

@@ -77,6 +77,7 @@ class Qwen2VLAdapter(StagedAdapter):
     description = "Qwen2-VL / Qwen2.5-VL: dynamic-resolution ViT, 2×2 patch merger, M-RoPE decoder"
     fixed_position_policy = "original"
     accepts_video = True
+    video_frames = 32  # lmms-eval's qwen2_vl max_num_frames
     #: The signals each stage serves (``ModelInfo.signals``). The encoder has no CLS token, so no
     #: ``cls_attention`` / ``cls_token``; ``attention_received`` comes from the last ViT block.
     served_signals: ClassVar[dict[Stage, frozenset[str]]] = {
