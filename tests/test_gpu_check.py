@@ -48,3 +48,24 @@ def test_a_crashed_arm_fails_the_check(monkeypatch, capsys):
 def test_without_cuda_it_says_so_and_exits_2(capsys):
     assert gpu_check.main(["--methods", "apet"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_video_part_dry_run_and_refusal_without_cuda(tmp_path):
+    """``gpu_video.sh --dry-run`` runs its tokenbench command on a tiny Video-LLaVA on the CPU and
+    leaves the records; without --dry-run and without CUDA it exits 2 with one line."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_video.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(script), "--dry-run"], check=False, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "tiny-video-llava-sdpa" / "runs").glob("*.json")]
+    ran = {(r["method"], r["budget"]) for r in records if not r.get("infeasible")}
+    assert {("none", None), ("apet", "25%"), ("apet", "12.5%"), ("dycoke", "25%")} <= ran
+    assert all(r["latency_ms"]["ttft"] is not None for r in records if not r.get("infeasible"))
+    if not torch.cuda.is_available():
+        refused = subprocess.run(["bash", str(script)], check=False, env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 2 and "CUDA is not available" in refused.stderr
