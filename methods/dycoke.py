@@ -55,8 +55,11 @@ Decode-stage deviations: at a step whose attention did not shift, the reference 
 the previous view as the paper and the spec describe: it resets its index list before layer l at every
 step and only sets it again on a shift, so such steps attend the **whole** cache (KD-TAO/DyCoke
 @dd74634, ``modeling_qwen2.py``: ``kv_cache = None`` for layers below l, ``update_cache`` only when the
-cosine is below 0.9). tokenbench keeps the previous view, as the paper's retention figures assume; on the
-steps where the reference re-selects, the views are equal (checked against its code on random rows).
+cosine is below 0.9). tokenbench keeps the previous view by default, as the paper's retention figures
+assume; ``decode_steady=all`` attends every visual entry at such steps, as the reference code does (one
+sample at a time, since the rows' views then differ in length; the retention reported counts those
+steps whole). On the steps where the reference re-selects, the views are equal (checked against its
+code on random rows).
 The reference keeps its state (``a_prev``) on a config object shared by every
 sample and never resets it (quirk 3), so a sample's first step compares with the previous sample's
 last row; here the state starts empty at every generation (the adapter passes ``None``). The
@@ -96,6 +99,7 @@ from tokenbench import (
 )
 
 LastGroup = Literal["pruned", "reference"]
+DecodeSteady = Literal["previous", "all"]
 
 
 def reference_frames(frames: int, last_group: LastGroup = "pruned") -> list[int]:
@@ -156,15 +160,24 @@ def dycoke_ttm(x: torch.Tensor, frames: int, keep: int, last_group: LastGroup = 
 
 
 def dynamic_kv_view(attention: torch.Tensor, keep: int, state: tuple[torch.Tensor, torch.Tensor] | None,
-                    similarity: float = 0.9) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                    similarity: float = 0.9, steady: DecodeSteady = "previous"
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """One decode step of DyCoke's KV pruning (§18.3) for ``attention`` [B, V]: the kept visual
-    entries [B, keep] (ascending) and the state for the next step (this step's rows, the view)."""
+    entries (ascending) and the state for the next step (this step's rows, the last chosen view).
+    At a step without a shift the view is the ``previous`` one, or ``all`` V entries (the reference
+    code; only for one row, since the rows' views would differ in length)."""
     attention = attention.float()
     top = attention.topk(min(keep, attention.shape[1]), dim=1).indices.sort(dim=1).values
     if state is None:
         return top, (attention, top)
     previous, kept = state
     shifted = F.cosine_similarity(attention, previous, dim=1) < similarity
+    if steady == "all":
+        if attention.shape[0] != 1:
+            raise ValueError("dycoke decode_steady=all decodes one sample at a time")
+        if not bool(shifted[0]):
+            return torch.arange(attention.shape[1], device=attention.device)[None], (attention, kept)
+        return top, (attention, top)
     view = torch.where(shifted[:, None], top, kept)
     return view, (attention, view)
 
@@ -191,11 +204,16 @@ class DyCoke(TokenCompressor):
                                                                      "left out of the view")
         decode_similarity: float = Field(0.9, description="re-select the view when the cosine between "
                                                           "this step's and the last step's attention is below")
+        decode_steady: DecodeSteady = Field(
+            "previous", description="view at a step without a shift: the previous one (paper, spec) or all "
+                                    "visual entries (the reference code; one sample at a time)")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         if self.options.decode:
             self.needs = frozenset({"decode_attention"})
+        # the reference's full-cache steps make the view's length differ between rows
+        self.adaptive_count = self.options.decode and self.options.decode_steady == "all"
 
     def schedule(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
         plan = self._ttm_plan(n_visual, budget, info)
@@ -205,12 +223,17 @@ class DyCoke(TokenCompressor):
                                  f"{info.family} adapter does not offer; pass decode=false for TTM only")
             kept = plan[0][1] if plan else n_visual
             site = Site(Stage.DECODE, info.scale_layer(self.options.decode_layer, of=28))
-            plan.append((site, max(1, int(kept * (1 - self.options.decode_prune)))))
+            plan.append((site, kept if self.options.decode_steady == "all" else self._view_size(kept)))
         return plan
 
     def decode_view(self, x: DecodeInput, state: Any) -> DecodeView:
-        view, state = dynamic_kv_view(x.attention, x.keep, state, self.options.decode_similarity)
+        view, state = dynamic_kv_view(x.attention, min(x.keep, self._view_size(x.n_visual)), state,
+                                      self.options.decode_similarity, self.options.decode_steady)
         return DecodeView(view, state)
+
+    def _view_size(self, visual: int) -> int:
+        """int(V·(1 − p)) of V visual entries, at least one."""
+        return max(1, int(visual * (1 - self.options.decode_prune)))
 
     def _ttm_plan(self, n_visual: int, budget: float, info: ModelInfo) -> list[tuple[Site, int]]:
         keep = round(budget)

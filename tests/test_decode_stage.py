@@ -100,6 +100,41 @@ def test_the_previous_row_is_replaced_at_every_step():
     assert got[-1] == got[0] == [0, 1, 2]  # never re-selected, though the end ranks the other half first
 
 
+def slow_dycoke_code(rows: list[list[float]], p: float, threshold: float = 0.9) -> list[list[int] | None]:
+    """The reference code's loop for one sample: the index list is cleared before every step and set
+    again only at the first step or on a shift (top int(V·(1-p)) by attention); None: the step
+    attends the whole cache. The previous row is replaced at every step."""
+    previous, out = None, []
+    for row in rows:
+        kept = None
+        if previous is None or sum(a * b for a, b in zip(row, previous)) / (
+                math.sqrt(sum(a * a for a in row)) * math.sqrt(sum(b * b for b in previous))) < threshold:
+            count = int(len(row) * (1 - p))
+            kept = sorted(sorted(range(len(row)), key=lambda i: -row[i])[:count])
+        previous = row
+        out.append(kept)
+    return out
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_reference_code_mode_attends_everything_at_steady_steps(row):
+    rows = hand_rows()[:, row:row + 1]
+    expected = slow_dycoke_code(rows[:, 0].tolist(), 0.7)
+    assert None in expected and any(e is not None for e in expected[1:]) == (row == 0)
+    method, state = DyCoke(decode_prune=0.7, decode_steady="all"), None
+    assert method.adaptive_count  # views differ in length between samples: one sample at a time
+    for step, attention in enumerate(rows):
+        x = DecodeInput(attention, torch.arange(10)[None], (2, 5), 10, SITE, step)
+        view = method.decode_view(x, state)
+        view.check(x)
+        assert view.keep[0].tolist() == (expected[step] if expected[step] is not None else list(range(10)))
+        state = view.state
+    with pytest.raises(ValueError, match="one sample at a time"):
+        method.decode_view(DecodeInput(hand_rows()[1], torch.arange(10).expand(2, 10), (2, 5), 10, SITE, 1),
+                           method.decode_view(DecodeInput(hand_rows()[0], torch.arange(10).expand(2, 10), (2, 5),
+                                                          10, SITE, 0), None).state)
+
+
 # ------------------------------------------------------------------------------- planning
 
 def test_plan_and_budget_convention():
@@ -235,6 +270,23 @@ def test_state_starts_empty_for_every_generation(request):
     assert sum(fresh for _, fresh in method.calls) == 2
     alone = a.run([second], compressor=Recording(decode_similarity=0.999), budget=ALL, max_new_tokens=STEPS)
     assert torch.equal(after.logits, alone.logits)
+
+
+def test_reference_code_mode_decodes_one_sample_at_a_time_with_whole_steady_steps(request):
+    """``decode_steady=all``: the adapter runs one sample per batch, and each step's view is either a
+    fresh top 30% (the first step, a shift) or every visual entry; the retention counts those whole."""
+    a = video_llava(request)
+    method = Recording(decode_steady="all", decode_similarity=0.999)
+    assert not a.batchable(method) and a.batchable(DyCoke())
+    trace = a.run(video_prompts(1), compressor=method, budget=ALL, max_new_tokens=STEPS).generations[0].trace
+    top = int(1024 * 0.3)
+    assert trace.decode_visual[0] == top and set(trace.decode_visual) <= {top, 1024}
+    steady = a.run(video_prompts(1), compressor=DyCoke(decode_steady="all", decode_similarity=-1.0), budget=ALL,
+                   max_new_tokens=STEPS).generations[0].trace  # no step counts as a shift after the first
+    assert steady.decode_visual[0] == top and set(steady.decode_visual[1:]) == {1024}
+    default = a.run(video_prompts(1), compressor=DyCoke(decode_similarity=-1.0), budget=ALL,
+                    max_new_tokens=STEPS).generations[0].trace  # the paper's rule keeps the first view
+    assert set(default.decode_visual) == {top} and steady.decode_kv_retention > default.decode_kv_retention
 
 
 def test_decode_flops_count_the_view(request):

@@ -391,7 +391,8 @@ class TokenCompressor:
     clip_checkpoint: str | None = None
     # ``reduce`` keeps a data-dependent number of tokens, at most the plan's ``keep``, and does not aim
     # at the budget (PruMerge+'s adaptive count): the plan may exceed the budget and the realised
-    # tokens the harness records are the result. Adapters run such methods one sample at a time.
+    # tokens the harness records are the result; or ``decode_view`` returns views whose length is
+    # data-dependent (DyCoke's reference decode). Adapters run such methods one sample at a time.
     adaptive_count: bool = False
     # Whether a stochastic reduce draws row b only from SiteInput.row_generators()[b]. Such methods
     # run batched: each row's generator is seeded from (run seed, sample), whatever the batch.
