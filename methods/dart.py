@@ -122,7 +122,7 @@ class DART(TokenCompressor):
         device = x.visual.device
         keep = min(x.keep, n)
         if keep >= n:
-            return Reduction(torch.arange(n, device=device).expand(b, n).clone())
+            return Reduction.keep_all(x)
         image_pivots = min(self.options.pivot_image, keep)
         image_rank = x.key_l1.float().topk(image_pivots, dim=1).indices  # [B, Pi], by norm
         text_norms = x.text_key_l1.float()

@@ -81,9 +81,9 @@ class ProjectorPruner(TokenCompressor):
 
     def reduce(self, x: SiteInput) -> Reduction:
         visual = check_finite(self.name, x.visual)
-        batch, n, _ = visual.shape
+        n = visual.shape[1]
         if x.keep >= n:
-            return Reduction(torch.arange(n, device=visual.device).expand(batch, n).clone())
+            return Reduction.keep_all(x)
         return Reduction(self.select(x, visual, max(x.keep, 1)).sort(dim=1).values)
 
     def select(self, x: SiteInput, visual: torch.Tensor, keep: int) -> torch.Tensor:

@@ -256,9 +256,9 @@ class DyCoke(TokenCompressor):
         return [(site, keep)]
 
     def reduce(self, x: SiteInput) -> Reduction:
-        batch, n, _ = x.visual.shape
+        n = x.visual.shape[1]
         if x.keep >= n:
-            return Reduction(torch.arange(n, device=x.visual.device).expand(batch, n).clone())
+            return Reduction.keep_all(x)
         full = torch.arange(x.frames * x.grid[0] * x.grid[1], device=x.origin.device)
         if x.frames < 2 or n != full.numel() or not torch.equal(x.origin, full.expand_as(x.origin)):
             raise ValueError(f"dycoke needs every token of a video's frames in frame-major order (frames="

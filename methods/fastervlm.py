@@ -94,11 +94,6 @@ def rank_by_score(scores: torch.Tensor) -> torch.Tensor:
     return scores.argsort(dim=1, descending=True, stable=True)
 
 
-def keep_all(x: SiteInput) -> Reduction:
-    b, n, _ = x.visual.shape
-    return Reduction(torch.arange(n, device=x.visual.device).expand(b, n).clone())
-
-
 class ImportanceRanked(TokenCompressor):
     """Base of the methods that rank tokens by :func:`importance_signal` at one pre-LLM site
     (``fastervlm``, ``vispruner``): ``needs`` holds the signal that the ``importance`` option
@@ -136,7 +131,7 @@ class FasterVLM(ImportanceRanked):
         scores = importance_scores(self.name, x)
         n = scores.shape[1]
         if x.keep >= n:
-            return keep_all(x)
+            return Reduction.keep_all(x)
         return Reduction(rank_by_score(scores)[:, :max(x.keep, 1)].sort(dim=1).values)
 
 

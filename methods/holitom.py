@@ -249,7 +249,7 @@ class HoliTom(TokenCompressor):
     def reduce(self, x: SiteInput) -> Reduction:
         batch, n, _ = x.visual.shape
         if x.keep >= n:
-            return Reduction(torch.arange(n, device=x.visual.device).expand(batch, n).clone())
+            return Reduction.keep_all(x)
         if x.site.stage is Stage.LLM:
             return self._inner_merge(x)
         if x.attention_received is None:

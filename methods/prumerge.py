@@ -186,9 +186,9 @@ class PruMergePlus(TokenCompressor):
 
     def reduce(self, x: SiteInput) -> Reduction:
         visual = check_finite(self.name, x.visual)
-        batch, n, _ = visual.shape
+        n = visual.shape[1]
         if x.keep >= n and not self.adaptive_count:
-            return Reduction(torch.arange(n, device=visual.device).expand(batch, n).clone())
+            return Reduction.keep_all(x)
         attention, keys = (x.cls_attention_next, x.keys_next) if self.options.attention_block == "next" \
             else (x.cls_attention, x.keys)
         if attention is None or keys is None:

@@ -278,7 +278,7 @@ class SparseVLM(TokenCompressor):
         if x.attention is None or rated is None or text is None:
             raise ValueError(f"SparseVLM needs the {' and '.join(sorted(self.needs))} signals; the adapter "
                              "did not provide them")
-        b, n, _ = x.visual.shape
+        n = x.visual.shape[1]
         if text.shape[1] == 0:
             raise ValueError("SparseVLM rates visual tokens by the text after the image; the prompt "
                              "has none, so put the question after the image")
@@ -289,7 +289,7 @@ class SparseVLM(TokenCompressor):
         if self.options.version == "v1":
             keep = min(keep, self._adaptive_keep(rater_attention, n))
         if keep >= n:
-            return Reduction(torch.arange(n, device=x.visual.device).expand(b, n).clone())
+            return Reduction.keep_all(x)
         chosen = scores.topk(keep, dim=1).indices
         extra = self._recycle(x.visual, scores, chosen) if self.options.recycle else None
         return Reduction(chosen.sort(dim=1).values, extra=extra)

@@ -57,7 +57,6 @@ from tokenbench.methods.fastervlm import (
     Importance,
     importance_scores,
     importance_signal,
-    keep_all,
     rank_by_score,
     signal_for_option,
 )
@@ -149,7 +148,7 @@ class VisionZip(TokenCompressor):
         scores = importance_scores(self.name, x)
         b, n, _ = x.visual.shape
         if x.keep >= n:
-            return keep_all(x)
+            return Reduction.keep_all(x)
         first = self.options.cls == "first"
         if first and x.cls_token is None:
             raise ValueError("visionzip: cls=first needs the cls_token signal; the adapter did not provide it")

@@ -52,7 +52,6 @@ from tokenbench.methods.fastervlm import (
     Importance,
     ImportanceRanked,
     importance_scores,
-    keep_all,
     rank_by_score,
 )
 
@@ -112,7 +111,7 @@ class VisPruner(ImportanceRanked):
         scores = importance_scores(self.name, x)
         n = scores.shape[1]
         if x.keep >= n:
-            return keep_all(x)
+            return Reduction.keep_all(x)
         keep = max(x.keep, 1)
         important = int(keep * self.options.important_ratio)
         ranked = rank_by_score(scores)

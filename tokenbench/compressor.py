@@ -260,6 +260,12 @@ class Reduction:
     prefix: torch.Tensor | None = None
     extra_after: torch.Tensor | None = None
 
+    @classmethod
+    def keep_all(cls, x: SiteInput) -> Reduction:
+        """The reduction that keeps every token of ``x`` as it is."""
+        b, n, _ = x.visual.shape
+        return cls(torch.arange(n, device=x.visual.device).expand(b, n).clone())
+
     def check(self, x: SiteInput) -> None:
         """Raise ``ValueError`` if this reduction breaks the contract for input ``x``."""
         b, n, d = x.visual.shape
