@@ -105,3 +105,30 @@ def test_vision_flops_count_each_temporal_step_on_its_own(request):
         analytic.append(full_flops(a.info(frames=frames // 2).arch, trace)["vision"])
         assert counted == analytic[-1] > 0
     assert analytic[1] == 2 * analytic[0]
+
+
+def test_frames_are_resized_by_the_checkpoints_video_limits(request, tmp_path):
+    """Where the checkpoint ships a ``video_preprocessor_config.json`` its video processor resizes
+    frames by its own pixel limits, not the image processor's: the torchvision-free path does too
+    (320×240 frames: 20×28 patches by Qwen2-VL's video defaults, as the stock ``Qwen2VLVideoProcessor``
+    gives them)."""
+    import json
+    import shutil
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    frames = [image(t, 320).resize((320, 240)) for t in range(2)]
+    plain = adapter("qwen2_vl", model_dir(request, "qwen2_vl"), "sdpa")
+    if getattr(plain.processor, "video_processor", None) is not None:
+        pytest.skip("torchvision is installed: the stock video processor runs instead of the fallback")
+    size = plain.processor.image_processor.size  # no video config: the image processor's limits
+    height, width = smart_resize(240, 320, factor=28, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    assert plain._video_pixels(frames)[1].tolist() == [[1, height // 14, width // 14]] != [[1, 20, 28]]
+    checkpoint = tmp_path / "qwen2_vl"
+    shutil.copytree(model_dir(request, "qwen2_vl"), checkpoint)
+    low, high = 128 * 28 * 28, 768 * 28 * 28
+    (checkpoint / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": low, "longest_edge": high}}))
+    height, width = smart_resize(240, 320, factor=28, min_pixels=low, max_pixels=high)
+    assert (height // 14, width // 14) == (20, 28)
+    assert adapter("qwen2_vl", str(checkpoint), "sdpa")._video_pixels(frames)[1].tolist() == [[1, 20, 28]]

@@ -23,6 +23,7 @@ video processor's layout.
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,10 +53,12 @@ from tokenbench.compressor import (
 @dataclass
 class ProcessorParts:
     """Tokenizer plus image processor, for environments where ``Qwen2VLProcessor`` cannot be built
-    (it insists on a video processor, which needs torchvision)."""
+    (it insists on a video processor, which needs torchvision). ``video_size``: the frame size limits
+    of the checkpoint's own video processor, which resizes frames by other limits than images."""
 
     tokenizer: Any
     image_processor: Any
+    video_size: dict[str, int] | None = None
 
     def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> str:
         return self.tokenizer.apply_chat_template(messages, **kwargs)
@@ -67,7 +70,25 @@ def load_processor(path: str | Path) -> Any:
     try:
         return AutoProcessor.from_pretrained(path)
     except ImportError:
-        return ProcessorParts(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+        return ProcessorParts(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path),
+                              video_size_limits(path))
+
+
+def video_size_limits(path: str | Path) -> dict[str, int] | None:
+    """``{"shortest_edge": min pixels, "longest_edge": max pixels}`` from the checkpoint's
+    ``video_preprocessor_config.json``, or None where it has none (the stock video processor then
+    takes the image processor's limits, as the fallback does)."""
+    from transformers.utils import cached_file
+
+    found = cached_file(str(path), "video_preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False)
+    if not found:
+        return None
+    config = json.loads(Path(found).read_text())
+    size = config.get("size") or {}
+    low = size.get("shortest_edge", config.get("min_pixels"))
+    high = size.get("longest_edge", config.get("max_pixels"))
+    return {"shortest_edge": int(low), "longest_edge": int(high)} if low and high else None
 
 
 class Qwen2VLAdapter(StagedAdapter):
@@ -198,7 +219,9 @@ class Qwen2VLAdapter(StagedAdapter):
         if video_processor is not None:
             out = video_processor(videos=[list(frames)], return_tensors="pt")
             return out["pixel_values_videos"], out["video_grid_thw"]
-        images = self.processor.image_processor(images=list(frames), return_tensors="pt")
+        limits = getattr(self.processor, "video_size", None)  # the video processor's, where they differ
+        images = self.processor.image_processor(images=list(frames), return_tensors="pt",
+                                                **({"size": limits} if limits else {}))
         grid = images["image_grid_thw"]
         if len({tuple(g) for g in grid.tolist()}) != 1:
             raise AdapterError("every frame of a video needs the same size")
