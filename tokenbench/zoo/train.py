@@ -73,7 +73,7 @@ from tokenbench.zoo.data import (
     pixel_values,
     vocabulary,
 )
-from tokenbench.zoo.training import Stopwatch, warmup_cosine_lr, write_record
+from tokenbench.zoo.training import Stopwatch, held_out_accuracy, warmup_cosine_lr, write_record
 
 __all__ = ["N_VISUAL", "PATCH", "build_model", "build_processor", "evaluate", "patch_labels", "pixel_values",
            "pretrain_vision", "train_language"]
@@ -332,23 +332,15 @@ def validate(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenize
 def evaluate(model: LlavaForConditionalGeneration, processor: LlavaProcessor, limit: int = 120,
              batch: int = 20) -> dict[str, float]:
     """Held-out accuracy through the processor and ``generate`` on the task's own samples (split 0)."""
-    task = shapes.ShapesTask()
-    samples = list(task.samples(limit))
-    records = []
-    model.eval()
-    for start in range(0, len(samples), batch):
-        chunk = samples[start:start + batch]
+
+    def inputs_of(chunk: list) -> dict:
         texts = [processor.apply_chat_template([{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": s.prompt}]}], add_generation_prompt=True)
             for s in chunk]
-        inputs = processor(images=[s.load_image() for s in chunk], text=texts, return_tensors="pt",
-                           padding=True).to(model.device)
-        out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        for sample, tokens in zip(chunk, processor.tokenizer.batch_decode(new, skip_special_tokens=True)):
-            records.append({"sample_id": sample.id, "prediction": tokens,
-                            "scores": task.score(sample, tokens), "meta": sample.meta})
-    return task.aggregate(records)
+        return processor(images=[s.load_image() for s in chunk], text=texts, return_tensors="pt",
+                         padding=True).to(model.device)
+
+    return held_out_accuracy(model, shapes.ShapesTask(), processor.tokenizer, inputs_of, limit, batch)
 
 
 def _parameter_counts(model: LlavaForConditionalGeneration) -> dict[str, int]:

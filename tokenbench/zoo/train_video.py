@@ -51,7 +51,7 @@ from transformers import (
 from tokenbench.tasks import shapes_video
 from tokenbench.tiny_models import word_level_tokenizer
 from tokenbench.zoo.data import COLUMN_WORDS, conversation_ids, pixel_values, turn_mask, vocabulary
-from tokenbench.zoo.training import Stopwatch, warmup_cosine_lr, write_record
+from tokenbench.zoo.training import Stopwatch, held_out_accuracy, warmup_cosine_lr, write_record
 
 PATCH = 28
 GRID = shapes_video.FRAME_SIZE // PATCH
@@ -316,19 +316,9 @@ def validate(model, tokenizer, features, clips, families, batch: int = 16) -> di
 def evaluate(model: VideoLlavaForConditionalGeneration, processor: VideoProcessing, limit: int | None = None,
              batch: int = 8) -> dict[str, float]:
     """Held-out accuracy through the processor and the stock ``generate`` on the task's samples."""
-    task = shapes_video.ShapesVideoTask()
-    samples = list(task.samples(limit))
-    records = []
-    model.eval()
-    for start in range(0, len(samples), batch):
-        chunk = samples[start:start + batch]
-        inputs = processor.inputs([s.load_video() for s in chunk], [s.prompt for s in chunk])
-        out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False)
-        new = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for sample, text in zip(chunk, new):
-            records.append({"sample_id": sample.id, "prediction": text, "scores": task.score(sample, text),
-                            "meta": sample.meta})
-    return task.aggregate(records)
+    return held_out_accuracy(model, shapes_video.ShapesVideoTask(), processor.tokenizer,
+                             lambda chunk: processor.inputs([s.load_video() for s in chunk], [s.prompt for s in chunk]),
+                             limit, batch)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,5 +1,5 @@
-"""What both zoo trainers share: the learning-rate schedule, the stopwatch of their stages and the
-``training.json`` record they leave beside the model."""
+"""What both zoo trainers share: the learning-rate schedule, the stopwatch of their stages, the
+held-out evaluation and the ``training.json`` record they leave beside the model."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import json
 import math
 import time
 from argparse import Namespace
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def warmup_cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -45,3 +47,21 @@ def write_record(out: Path, program: str, argv: Sequence[str], args: Namespace, 
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
     return record
+
+
+@torch.no_grad()
+def held_out_accuracy(model: Any, task: Any, tokenizer: Any, inputs_of: Callable[[list], Any], limit: int | None,
+                      batch: int) -> dict[str, float]:
+    """``task``'s metrics on its first ``limit`` samples through the stock greedy ``generate``;
+    ``inputs_of(samples)`` builds one batch's model inputs (the model's own processor)."""
+    samples = list(task.samples(limit))
+    records = []
+    model.eval()
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        inputs = inputs_of(chunk)
+        out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False)
+        replies = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        records += [{"sample_id": s.id, "prediction": r, "scores": task.score(s, r), "meta": s.meta}
+                    for s, r in zip(chunk, replies, strict=True)]
+    return task.aggregate(records)
