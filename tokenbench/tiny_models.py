@@ -145,9 +145,12 @@ def tiny_llava(directory: str | Path, *, words: Sequence[str] = DEFAULT_WORDS, v
 VIDEO_LLAVA_VIDEO_TOKEN = "<video>"
 
 
-def video_llava_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with Video-LLaVA's ``<image>`` and ``<video>`` tokens."""
+def video_llava_tokenizer(words: Sequence[str] = DEFAULT_WORDS, chat_template: str | None = None
+                          ) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with the ``<image>`` and ``<video>`` tokens of Video-LLaVA (and of
+    LLaVA-OneVision, which names them alike), with ``chat_template`` if given."""
     return word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN, VIDEO_LLAVA_VIDEO_TOKEN],
+                                chat_template=chat_template,
                                 extra_attributes={"image_token": LLAVA_IMAGE_TOKEN,
                                                   "video_token": VIDEO_LLAVA_VIDEO_TOKEN})
 
@@ -335,15 +338,13 @@ def tiny_clip(directory: str | Path, *, vision_from: str | Path, words: Sequence
     return directory
 
 
-ONEVISION_VIDEO_TOKEN = "<video>"
+ONEVISION_VIDEO_TOKEN = VIDEO_LLAVA_VIDEO_TOKEN
 
 
 def onevision_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with LLaVA-OneVision's ``<image>`` and ``<video>`` tokens."""
-    return word_level_tokenizer(words, special_tokens=[LLAVA_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN],
-                                chat_template=simple_chat_template(LLAVA_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN),
-                                extra_attributes={"image_token": LLAVA_IMAGE_TOKEN,
-                                                  "video_token": ONEVISION_VIDEO_TOKEN})
+    """A word-level tokenizer with LLaVA-OneVision's ``<image>`` and ``<video>`` tokens and a chat
+    template that renders both."""
+    return video_llava_tokenizer(words, simple_chat_template(LLAVA_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN))
 
 
 TINY_ANYRES_PINPOINTS = [[112, 224], [224, 112], [224, 224]]
