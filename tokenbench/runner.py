@@ -110,9 +110,18 @@ def run_arguments(config: RunConfig, accuracy: bool = True) -> dict[str, Any]:
             "scoring": config.scoring, "protocol": config.protocol} | ({"frames": config.frames} if config.frames else {})
 
 
+def model_type_of(config: RunConfig) -> str:
+    """``config.model``'s ``model_type``: known for local and embedded models, read from the hub
+    model's config otherwise."""
+    if config.model.model_type is not None:
+        return config.model.model_type
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(config.model.location).model_type
+
+
 def load_adapter(config: RunConfig, registry: Registry, random_weights: bool = False) -> VLMAdapter:
     """The adapter for ``config.model``: from its checkpoint, or with random weights from a config."""
-    model_type = config.model.model_type
     dtype, device = DTYPES[config.dtype], torch.device(config.device)
     if random_weights:
         from tokenbench.random_model import random_weight_adapter
@@ -121,11 +130,7 @@ def load_adapter(config: RunConfig, registry: Registry, random_weights: bool = F
                                         device=device)
         adapter.protocol = resolve_protocol(config, type(adapter))
         return adapter
-    if model_type is None:
-        from transformers import AutoConfig
-
-        model_type = AutoConfig.from_pretrained(config.model.location).model_type
-    cls = registry.adapter_for(model_type)
+    cls = registry.adapter_for(model_type_of(config))
     placement = Placement(config.device_map, config.max_memory, config.output / "offload") \
         if config.device_map else device
     adapter = cls.load(config.model.location, dtype=dtype, attn=config.attn, device=placement)
@@ -139,14 +144,10 @@ def video_frames(config: RunConfig, registry: Registry) -> int:
     that fails, loading the model reports why)."""
     if config.frames:
         return config.frames
-    model_type = config.model.model_type
-    if model_type is None:
-        from transformers import AutoConfig
-
-        try:
-            model_type = AutoConfig.from_pretrained(config.model.location).model_type
-        except Exception:  # noqa: BLE001 -- the model's own load says what is wrong
-            return VLMAdapter.video_frames
+    try:
+        model_type = model_type_of(config)
+    except Exception:  # noqa: BLE001 -- the model's own load says what is wrong
+        return VLMAdapter.video_frames
     return registry.adapter_for(model_type).video_frames
 
 
